@@ -1,0 +1,137 @@
+"""The array-backend seam: NumPy on the CPU, CuPy on a GPU, with the same code above it.
+
+Every other module does array work through an ``xp`` module it gets from here (``get_xp(array)`` for the module
+that owns an array, ``default_xp()`` for new arrays). Nothing outside this file and ``minglm/kernels/`` imports
+``cupy``, so a CPU machine never needs it.
+
+``MINGLM_BACKEND`` picks the default for new arrays:
+- ``auto`` (the default): CuPy when ``cupy.is_available()`` says a GPU is usable, else NumPy;
+- ``numpy``: always NumPy;
+- ``cupy``: CuPy, and a clear error when there is no usable GPU.
+
+Left out on purpose: multiple GPUs, streams and memory pools. CuPy's defaults are fine for a course.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+_VALID = ("auto", "numpy", "cupy")
+_cupy_cache: list[ModuleType | None] = []  # filled on first probe: [cupy or None]
+
+
+def _probe_cupy() -> ModuleType | None:
+    """Return the cupy module when it imports and a GPU is usable, else None (probed once)."""
+    if not _cupy_cache:
+        try:
+            import cupy  # noqa: PLC0415 - optional dependency, imported only here
+
+            _cupy_cache.append(cupy if cupy.is_available() else None)
+        except Exception:  # ImportError, or a broken CUDA install
+            _cupy_cache.append(None)
+    return _cupy_cache[0]
+
+
+def backend_name() -> str:
+    """The backend asked for by MINGLM_BACKEND (validated)."""
+    name = os.environ.get("MINGLM_BACKEND", "auto").strip().lower() or "auto"
+    if name not in _VALID:
+        raise ValueError(f"MINGLM_BACKEND={name!r} is not one of {', '.join(_VALID)}")
+    return name
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and can use a GPU."""
+    return _probe_cupy() is not None
+
+
+def cupy_module() -> ModuleType:
+    """The cupy module, or a RuntimeError that says why it cannot be used."""
+    cp = _probe_cupy()
+    if cp is None:
+        raise RuntimeError(
+            "the CuPy backend needs `cupy` and a usable CUDA GPU, and none was found "
+            "(install requirements-gpu.txt on a machine with an NVIDIA driver, or use MINGLM_BACKEND=numpy)"
+        )
+    return cp
+
+
+def default_xp() -> ModuleType:
+    """The module that new arrays are created with, as MINGLM_BACKEND says."""
+    name = backend_name()
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        return cupy_module()
+    return _probe_cupy() or np
+
+
+def device_xp(device: str) -> ModuleType:
+    """Map a device name ('cpu', 'gpu', 'auto') to its array module."""
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        return cupy_module()
+    if device == "auto":
+        return default_xp()
+    raise ValueError(f"device must be 'cpu', 'gpu' or 'auto', got {device!r}")
+
+
+def is_cupy(a) -> bool:
+    """True when ``a`` is a CuPy array (checked without importing cupy)."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_xp(*arrays) -> ModuleType:
+    """The array module that owns the given arrays: cupy if any is a CuPy array, else numpy."""
+    for a in arrays:
+        if is_cupy(a):
+            return cupy_module()
+    return np
+
+
+def to_numpy(a) -> np.ndarray:
+    """A NumPy copy (or view) of an array from either backend."""
+    if is_cupy(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a, xp: ModuleType):
+    """Move an array to the backend ``xp`` (a no-op when it is already there)."""
+    if xp is np:
+        return to_numpy(a)
+    return xp.asarray(a)
+
+
+def scatter_add_rows(table, ids, rows) -> None:
+    """In place: ``table[ids[n]] += rows[n]`` for every n, with repeated ids summed.
+
+    ``table`` is (V, C), ``ids`` (N,) integers, ``rows`` (N, C). This is the embedding backward. ``np.add.at`` on a
+    large table is slow, so on NumPy the ids are sorted and equal runs summed with ``np.add.reduceat``; CuPy has a
+    native atomic scatter-add.
+    """
+    if is_cupy(table):
+        import cupyx  # noqa: PLC0415 - CuPy-only helper, still inside the backend module
+
+        cupyx.scatter_add(table, ids, rows)
+        return
+    if ids.size == 0:
+        return
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    table[sorted_ids[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+
+
+def scatter_add(target, index, values) -> None:
+    """In place ``target[index] += values`` with repeated indices summed (advanced-indexing backward)."""
+    if is_cupy(target):
+        import cupyx  # noqa: PLC0415
+
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m minglm bench <topic>`; each module has main(argv)."""

@@ -1,0 +1,612 @@
+"""Neural-network ops for minglm: ``import minglm.functional as F``.
+
+Each op is one ``Function`` with a hand-derived backward. Where the fused backward is the lesson (layer norm,
+softmax, cross-entropy, attention) the derivation is in the docstring, in the spirit of llm.c's ``doc/layernorm``.
+Shapes use the glossary B = batch, T = time (sequence), C = channels, V = vocabulary, H = heads, D = head size.
+
+Everything keeps the input's dtype: a float32 graph never meets a float64 array (Python floats are used for
+constants, which NumPy 2 does not let upcast an array).
+
+Reference: GLM-REFERENCE.md §3 (the mask of ``scaled_dot_product_attention``), §4 (tanh GeLU), §5 (the loss).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from minglm.backend import get_xp, is_cupy, scatter_add_rows, to_device
+from minglm.tensor import Function, Tensor
+
+# --- activations ----------------------------------------------------------------------------------------------
+
+
+class ReLU(Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.pos = x > 0
+        return x * ctx.pos
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.pos,)
+
+
+def relu(x: Tensor) -> Tensor:
+    return ReLU.apply(x)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)  # 0.79788456...
+
+
+def _erf(x):
+    """erf in float64 without scipy, to about 1e-15.
+
+    |x| <= 3: the Maclaurin series erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1)), 80 terms (the largest term at x = 3
+    is about 1e3, so about 13 digits survive the cancellation).
+    |x| > 3: erfc from its continued fraction erfc(x) = e^(-x²)/√π · 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))),
+    evaluated bottom-up from 60 levels, which has converged far beyond float64 for x > 3.
+    """
+    xp = get_xp(x)
+    x = x.astype(np.float64)
+    small = xp.abs(x) <= 3.0
+    xs = xp.where(small, x, 0.0)
+    x2 = xs * xs
+    term = xs.copy()  # x^(2n+1) (-1)^n / n!
+    total = xs.copy()
+    for n in range(1, 80):
+        term *= -x2 / n
+        total += term / (2 * n + 1)
+    erf_small = total * (2.0 / math.sqrt(math.pi))
+    xl = xp.where(small, 3.0, xp.abs(x))
+    frac = xl.copy()
+    for k in range(60, 0, -1):
+        frac = xl + (k / 2.0) / frac
+    erfc_large = xp.exp(-xl * xl) / (math.sqrt(math.pi) * frac)
+    return xp.where(small, erf_small, xp.sign(x) * (1.0 - erfc_large))
+
+
+class GeLUTanh(Function):
+    """GLM's GeLU (§4): 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³), c = √(2/π).
+
+    d/dx = 0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        xp = get_xp(x)
+        t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+        ctx.x, ctx.t = x, t
+        return 0.5 * x * (1.0 + t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, t = ctx.x, ctx.t
+        du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+        return (grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
+
+
+class GeLUExact(Function):
+    """The exact GeLU x·Φ(x), Φ the standard normal CDF; d/dx = Φ(x) + x·φ(x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        cdf = (0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
+        ctx.x, ctx.cdf = x, cdf
+        return x * cdf
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        x = ctx.x
+        pdf = xp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return (grad * (ctx.cdf + x * pdf),)
+
+
+def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
+    """GeLU; ``approximate="tanh"`` is GLM's (and GPT-2's) form, ``"none"`` the exact erf one."""
+    if approximate == "tanh":
+        return GeLUTanh.apply(x)
+    if approximate == "none":
+        return GeLUExact.apply(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, x):
+        xp = get_xp(x)
+        # 1/(1+e^-x) for x >= 0 and e^x/(1+e^x) for x < 0: neither form overflows on its side.
+        e = xp.exp(-xp.abs(x))
+        ctx.out = xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+        return ctx.out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s = ctx.out
+        return (grad * s * (1.0 - s),)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return Sigmoid.apply(x)
+
+
+# --- softmax family -------------------------------------------------------------------------------------------
+
+
+def _softmax_array(x, axis: int):
+    """A stable softmax: subtract the max so exp never overflows (extreme logits such as ±1000 stay finite)."""
+    xp = get_xp(x)
+    s = x - x.max(axis=axis, keepdims=True)
+    xp.exp(s, out=s)
+    s *= 1.0 / s.sum(axis=axis, keepdims=True)
+    return s
+
+
+class Softmax(Function):
+    """y = softmax(x). Backward: dx = y ⊙ (dy − Σ_j dy_j y_j), the Jacobian-vector product without the Jacobian."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        ctx.axis = axis
+        ctx.out = _softmax_array(x, axis)
+        return ctx.out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y = ctx.out
+        return (y * (grad - (grad * y).sum(axis=ctx.axis, keepdims=True)),)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(x, axis=axis)
+
+
+class LogSoftmax(Function):
+    """y = x − logsumexp(x). Backward: dx = dy − softmax(x)·Σ_j dy_j."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = get_xp(x)
+        m = x.max(axis=axis, keepdims=True)
+        lse = m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+        out = x - lse
+        ctx.axis, ctx.out = axis, out
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        return (grad - xp.exp(ctx.out) * grad.sum(axis=ctx.axis, keepdims=True),)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, axis=axis)
+
+
+class CrossEntropy(Function):
+    """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...), fused with the softmax.
+
+    loss = Σ_n m_n (lse_n − z_n[t_n]) / Σ_n m_n, with m the optional mask (GLM §5: the sum over every Part-B target
+    in the batch divided by their count, not a per-sample mean). Backward: dz_n = (softmax(z_n) − onehot(t_n))·m_n/Σm.
+    The softmax is computed once and reused, and the max is subtracted, so ±1000 logits give no NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, mask=None):
+        xp = get_xp(logits)
+        V = logits.shape[-1]
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"cross_entropy: targets shape {targets.shape} != logits shape {logits.shape} minus V")
+        if mask is not None and mask.shape != targets.shape:
+            raise ValueError(f"cross_entropy: mask shape {mask.shape} != targets shape {targets.shape}")
+        z = logits.reshape(-1, V)  # (N, V)
+        t = targets.reshape(-1).astype(np.int64, copy=False)
+        if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
+            raise ValueError(f"cross_entropy: targets must lie in [0, {V}), got [{int(t.min())}, {int(t.max())}]")
+        probs = _softmax_array(z, axis=1)  # (N, V), a fresh array
+        rows = xp.arange(t.size)
+        p_t = probs[rows, t]
+        # log p_t, floored so a zero probability gives a large finite loss instead of inf
+        nll = -xp.log(xp.maximum(p_t, np.finfo(logits.dtype).tiny))
+        if mask is None:
+            weights = None
+            count = float(t.size)
+            total = nll.sum()
+        else:
+            weights = mask.reshape(-1).astype(logits.dtype, copy=False)
+            count = float(weights.sum())
+            total = (nll * weights).sum()
+        ctx.probs, ctx.t, ctx.weights, ctx.count, ctx.shape = probs, t, weights, max(count, 1.0), logits.shape
+        return (total / max(count, 1.0)).astype(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(ctx.probs)
+        # The saved probabilities become the gradient in place, unless the graph is kept for another backward.
+        d = ctx.probs.copy() if ctx.retain_graph else ctx.probs
+        d[xp.arange(ctx.t.size), ctx.t] -= 1.0
+        scale = grad * (1.0 / ctx.count)
+        if ctx.weights is not None:
+            d *= (ctx.weights * scale)[:, None]
+        else:
+            d *= scale
+        return d.reshape(ctx.shape), None, None
+
+
+def cross_entropy(logits: Tensor, targets, mask=None) -> Tensor:
+    """Mean token cross-entropy; with ``mask`` (same shape as targets) the mean is over the mask's count."""
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    mask = mask.data if isinstance(mask, Tensor) else mask
+    return CrossEntropy.apply(logits, targets, mask)
+
+
+# --- normalisation, embedding, linear -------------------------------------------------------------------------
+
+
+class LayerNorm(Function):
+    """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps).
+
+    With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward is
+        dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂)),   dw = Σ dy ⊙ x̂,   db = Σ dy,
+    the means over C and the sums over every leading dim. (Derive it by writing dx̂/dx and noting that mean(x̂) = 0
+    and mean(x̂²) = 1.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps=1e-5):
+        xp = get_xp(x)
+        C = x.shape[-1]
+        if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
+            bshape = getattr(bias, "shape", None)
+            raise ValueError(f"layer_norm: weight/bias must be ({C},), got {weight.shape} and {bshape}")
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat = xc
+        xhat *= rstd  # (..., C), reusing xc's buffer
+        ctx.xhat, ctx.rstd, ctx.weight = xhat, rstd, weight
+        out = xhat * weight
+        if bias is not None:
+            out += bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, w = ctx.xhat, ctx.rstd, ctx.weight
+        C = xhat.shape[-1]
+        g = grad * w
+        mean_g = g.mean(axis=-1, keepdims=True)
+        mean_gx = (g * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)
+        dx = (g - mean_g - xhat * mean_gx) * rstd
+        g2 = grad.reshape(-1, C)
+        dw = (g2 * xhat.reshape(-1, C)).sum(axis=0)
+        db = g2.sum(axis=0)
+        return dx, dw, db
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+class Embedding(Function):
+    """out = weight[ids]: rows of the (V, C) table. Backward scatters rows back, summing repeated ids."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        V = weight.shape[0]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"embedding: ids must lie in [0, {V}), got [{int(ids.min())}, {int(ids.max())}]")
+        ctx.ids, ctx.wshape, ctx.dtype = ids, weight.shape, weight.dtype
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        dw = xp.zeros(ctx.wshape, dtype=ctx.dtype)
+        C = ctx.wshape[1]
+        scatter_add_rows(dw, ctx.ids.reshape(-1), grad.reshape(-1, C))
+        return None, dw
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Look up rows of ``weight`` (V, C) for integer ``ids`` of any shape: out shape ids.shape + (C,)."""
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    return Embedding.apply(ids, weight)
+
+
+class Linear(Function):
+    """y = x @ Wᵀ + b, with W stored (out, in) as in PyTorch and the official GLM checkpoints.
+
+    x (..., in) is viewed as one (N, in) matrix so every call is one large GEMM. Backward: dx = dy @ W,
+    dW = dyᵀ @ x, db = Σ dy; the transposes are views, which BLAS takes as flags without copying.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input shape {x.shape} does not match weight shape {weight.shape} (out, in)")
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = x2 @ weight.T  # (N, out)
+        if bias is not None:
+            y += bias
+        ctx.x2, ctx.weight, ctx.xshape, ctx.has_bias = x2, weight, x.shape, bias is not None
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    @staticmethod
+    def backward(ctx, grad):
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        dx = (g2 @ ctx.weight).reshape(ctx.xshape) if ctx.needs_input_grad[0] else None
+        dw = g2.T @ ctx.x2
+        db = g2.sum(axis=0) if ctx.has_bias else None
+        return dx, dw, db
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return Linear.apply(x, weight, bias)
+
+
+class Dropout(Function):
+    """Zero each element with probability p and scale the rest by 1/(1−p) (inverted dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.keep = keep
+        return x * keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.keep, None
+
+
+def dropout(x: Tensor, p: float, training: bool, rng: np.random.Generator | None) -> Tensor:
+    """Inverted dropout. The mask is drawn from the given NumPy ``rng`` (also for CuPy tensors, then copied to the
+    GPU), so a seeded run gives the same masks on every device."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout: training with p > 0 needs an explicit numpy Generator `rng`")
+    keep = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype) * np.asarray(1.0 / (1.0 - p), x.dtype)
+    if is_cupy(x.data):
+        keep = to_device(keep, get_xp(x.data))
+    return Dropout.apply(x, keep)
+
+
+# --- selection and joining ------------------------------------------------------------------------------------
+
+
+class Where(Function):
+    @staticmethod
+    def forward(ctx, cond, a, b):
+        xp = get_xp(a, b)
+        ctx.cond = cond
+        return xp.where(cond, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad * ctx.cond, grad * ~ctx.cond
+
+
+def where(cond, a, b) -> Tensor:
+    """Elementwise ``cond ? a : b`` with broadcasting; ``a``/``b`` may be tensors or scalars."""
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    ref = a if isinstance(a, Tensor) else b
+    if not isinstance(ref, Tensor):
+        raise ValueError("where: at least one of a, b must be a Tensor")
+    a = a if isinstance(a, Tensor) else ref._const(a)
+    b = b if isinstance(b, Tensor) else ref._const(b)
+    return Where.apply(get_xp(ref.data).asarray(cond, dtype=bool), a, b)
+
+
+def masked_fill(x: Tensor, mask, value: float) -> Tensor:
+    """``x`` with ``value`` wherever ``mask`` is True (the gradient there is zero)."""
+    return where(mask, value, x)
+
+
+class Concat(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        xp = get_xp(*arrays)
+        ctx.axis = axis
+        ctx.sizes = [a.shape[axis] for a in arrays]
+        try:
+            return xp.concatenate(arrays, axis=axis)
+        except ValueError:
+            raise ValueError(f"concat: shapes {[a.shape for a in arrays]} do not match off axis {axis}") from None
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        cuts = np.cumsum(ctx.sizes)[:-1].tolist()
+        return tuple(xp.split(grad, cuts, axis=ctx.axis))
+
+
+def concat(tensors, axis: int = 0) -> Tensor:
+    return Concat.apply(*tensors, axis=axis)
+
+
+class Stack(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        xp = get_xp(*arrays)
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"stack: all shapes must match, got {[a.shape for a in arrays]}")
+        ctx.axis = axis
+        return xp.stack(arrays, axis=axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        n = grad.shape[ctx.axis]
+        return tuple(xp.take(grad, i, axis=ctx.axis) for i in range(n))
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    return Stack.apply(*tensors, axis=axis)
+
+
+def split(x: Tensor, sections, axis: int = -1) -> list[Tensor]:
+    """Split into pieces of the given sizes (a list) or into ``sections`` equal pieces (an int), as views."""
+    n = x.shape[axis]
+    if isinstance(sections, int):
+        if n % sections:
+            raise ValueError(f"split: axis of length {n} does not split into {sections} equal parts")
+        sizes = [n // sections] * sections
+    else:
+        sizes = list(sections)
+        if sum(sizes) != n:
+            raise ValueError(f"split: sizes {sizes} do not add up to the axis length {n}")
+    axis = axis % x.ndim
+    out, start = [], 0
+    for size in sizes:
+        index = (slice(None),) * axis + (slice(start, start + size),)
+        out.append(x[index])
+        start += size
+    return out
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+
+def glm_mask(xp, sep, Tq: int, Tk: int):
+    """The GLM visibility matrix (B, 1, Tq, Tk), True = may attend (GLM-REFERENCE §3).
+
+    Key j is visible to query i when j < sep[b] (Part A, seen by everyone) or j <= i + (Tk − Tq) (causal; the offset
+    lets the last Tq of Tk positions be the queries, as in decoding with a cache). Built only for the plain path.
+    """
+    sep = xp.asarray(sep).reshape(-1, 1, 1, 1)
+    q = xp.arange(Tq).reshape(1, 1, Tq, 1) + (Tk - Tq)
+    k = xp.arange(Tk).reshape(1, 1, 1, Tk)
+    return (k < sep) | (k <= q)
+
+
+class Attention(Function):
+    """Plain (reference) attention: o = softmax(q kᵀ·scale + mask) v, as one op with its own backward.
+
+    With s = q kᵀ·scale, p = softmax(s) (masked keys get probability exactly 0) and P the dropped-out p:
+        dv = Pᵀ do,  dP = do vᵀ,  dp = dP ⊙ keep,  ds = p ⊙ (dp − Σ_j dp_j p_j),  dq = ds k·scale,  dk = dsᵀ q·scale.
+    This path stores the (B, H, Tq, Tk) probabilities; the fused kernel (minglm/kernels) never does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale, keep=None):
+        xp = get_xp(q)
+        s = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
+        s *= scale
+        if allowed is not None:
+            s = xp.where(allowed, s, np.finfo(q.dtype).min)  # exp() of it is exactly 0, as with GLM's -65504
+        p = _softmax_array(s, axis=-1)
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale, ctx.keep = q, k, v, p, scale, keep
+        return (p * keep if keep is not None else p) @ v  # (B, H, Tq, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        q, k, v, p, keep = ctx.q, ctx.k, ctx.v, ctx.p, ctx.keep
+        pd = p * keep if keep is not None else p
+        dv = xp.swapaxes(pd, -1, -2) @ grad
+        dp = grad @ xp.swapaxes(v, -1, -2)
+        if keep is not None:
+            dp *= keep
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        ds *= ctx.scale
+        dq = ds @ k
+        dk = xp.swapaxes(ds, -1, -2) @ q
+        return dq, dk, dv, None, None, None
+
+
+class FlashAttention(Function):
+    """Tiled attention with the GLM mask computed from ``sep`` (minglm/kernels): the fused CUDA kernel on CuPy,
+    its NumPy twin on the CPU. Neither stores a T×T matrix; the backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sep, scale):
+        from minglm import kernels
+
+        o, lse = kernels.flash_attention_forward(q, k, v, sep, scale)
+        ctx.saved = (q, k, v, o, lse, sep, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        from minglm import kernels
+
+        q, k, v, o, lse, sep, scale = ctx.saved
+        dq, dk, dv = kernels.flash_attention_backward(q, k, v, o, lse, grad, sep, scale)
+        return dq, dk, dv, None, None
+
+
+def attention_impl() -> str:
+    """Which attention path to use: MINGLM_ATTENTION=auto (default) | plain | flash."""
+    impl = os.environ.get("MINGLM_ATTENTION", "auto").strip().lower() or "auto"
+    if impl not in ("auto", "plain", "flash"):
+        raise ValueError(f"MINGLM_ATTENTION must be auto, plain or flash, got {impl!r}")
+    return impl
+
+
+def _use_flash(q, Tq: int, Tk: int, has_mask: bool, dropout_p: float, impl: str) -> bool:
+    if impl == "plain" or has_mask or dropout_p > 0.0 or Tq != Tk:
+        return False
+    if impl == "flash":
+        return True
+    try:
+        from minglm import kernels
+    except ImportError:  # pragma: no cover - the kernels package ships with minglm
+        return False
+    if is_cupy(q):
+        return True
+    return Tq >= getattr(kernels, "TWIN_MIN_T", 1 << 30)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask=None, scale: float | None = None,
+                                 dropout_p: float = 0.0, rng: np.random.Generator | None = None,
+                                 impl: str | None = None) -> Tensor:
+    """softmax(q kᵀ · scale) v over (B, H, T, D) tensors, with GLM's mask when ``sep`` (B,) is given.
+
+    - ``sep``: key j is visible to query i when j < sep[b] or j <= i (GLM-REFERENCE §3). When q is shorter than k,
+      the queries are the last positions (decoding with a cache).
+    - ``mask``: an explicit boolean mask broadcastable to (B, H, Tq, Tk), True = may attend (combined with sep).
+    - ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities (needs ``rng``).
+    - ``impl``: "plain" forces the reference path; "flash" the tiled kernel/twin; default MINGLM_ATTENTION or auto
+      (the kernel on CuPy, the twin on CPU for long sequences, see ``kernels.TWIN_MIN_T``).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"scaled_dot_product_attention: q, k, v must be (B, H, T, D), got {q.shape}, {k.shape}, {v.shape}"
+        )
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"scaled_dot_product_attention: mismatched q {q.shape}, k {k.shape}, v {v.shape}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    xp = get_xp(q.data)
+    mask = mask.data if isinstance(mask, Tensor) else mask
+    if sep is not None:
+        sep = xp.asarray(sep.data if isinstance(sep, Tensor) else sep).astype(np.int64).reshape(-1)
+        if sep.shape[0] not in (1, B):
+            raise ValueError(f"scaled_dot_product_attention: sep has {sep.shape[0]} entries for a batch of {B}")
+        if sep.shape[0] == 1 and B > 1:
+            sep = xp.broadcast_to(sep, (B,))
+    if _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl or attention_impl()) and sep is not None:
+        return FlashAttention.apply(q, k, v, sep, scale)
+    allowed = None
+    if sep is not None:
+        allowed = glm_mask(xp, sep, Tq, Tk)
+    if mask is not None:
+        mask = xp.asarray(mask, dtype=bool)
+        allowed = mask if allowed is None else (allowed & mask)
+    keep = None
+    if dropout_p > 0.0:
+        if rng is None:
+            raise ValueError("scaled_dot_product_attention: dropout_p > 0 needs an explicit numpy Generator `rng`")
+        keep = (rng.random((B, H, Tq, Tk), dtype=np.float32) >= dropout_p).astype(q.dtype)
+        keep *= np.asarray(1.0 / (1.0 - dropout_p), q.dtype)
+        keep = to_device(keep, xp)
+    return Attention.apply(q, k, v, allowed, scale, keep)
