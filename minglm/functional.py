@@ -206,11 +206,13 @@ class CrossEntropy(Function):
         t = targets.reshape(-1).astype(np.int64, copy=False)
         if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
             raise ValueError(f"cross_entropy: targets must lie in [0, {V}), got [{int(t.min())}, {int(t.max())}]")
-        probs = _softmax_array(z, axis=1)  # (N, V), a fresh array
         rows = xp.arange(t.size)
-        p_t = probs[rows, t]
-        # log p_t, floored so a zero probability gives a large finite loss instead of inf
-        nll = -xp.log(xp.maximum(p_t, np.finfo(logits.dtype).tiny))
+        probs = z - z.max(axis=1, keepdims=True)  # shifted logits, a fresh (N, V) array; max is 0 per row
+        z_t = probs[rows, t]  # the target's shifted logit
+        xp.exp(probs, out=probs)
+        sum_exp = probs.sum(axis=1)
+        nll = xp.log(sum_exp) - z_t  # lse - z_t, exact even when p_t underflows to 0
+        probs *= (1.0 / sum_exp)[:, None]  # softmax, kept for the backward
         if mask is None:
             weights = None
             count = float(t.size)
@@ -261,7 +263,10 @@ class LayerNorm(Function):
         C = x.shape[-1]
         if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
             bshape = getattr(bias, "shape", None)
-            raise ValueError(f"layer_norm: weight/bias must be ({C},), got {weight.shape} and {bshape}")
+            raise ValueError(
+                f"layer_norm: input of shape {x.shape} needs weight and bias of shape ({C},), "
+                f"got {weight.shape} and {bshape}"
+            )
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
         var = (xc * xc).mean(axis=-1, keepdims=True)

@@ -105,8 +105,12 @@ class MatMul(Function):
             raise ValueError(f"matmul: scalar operands are not allowed, got shapes {a.shape} and {b.shape}")
         if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
             raise _shape_error("matmul", a, b, " (inner dimensions differ)")
+        try:
+            out = a @ b
+        except ValueError:
+            raise _shape_error("matmul", a, b, " (batch dimensions do not broadcast)") from None
         ctx.a, ctx.b = a, b
-        return a @ b
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,8 +119,8 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a  # promote 1-D operands as matmul does
         b2 = b[:, None] if b.ndim == 1 else b
         g2 = grad
-        if a.ndim == 1:
-            g2 = xp.expand_dims(g2, -2)
+        if a.ndim == 1:  # the promoted row axis sits just before the last axis of the output (or is the only one)
+            g2 = xp.expand_dims(g2, -2 if g2.ndim >= 1 and b.ndim > 1 else 0)
         if b.ndim == 1:
             g2 = xp.expand_dims(g2, -1)
         ga = g2 @ xp.swapaxes(b2, -1, -2)

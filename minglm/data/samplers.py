@@ -1,0 +1,217 @@
+"""Choosing what to blank out: token-level spans, sentences, and the long [gMASK] span (GLM-REFERENCE.md §2.2-§2.4).
+
+Each sampler takes one framed sample (`[CLS] doc <eos> [CLS] doc ...`, §1) and returns half-open (start, end) spans
+in sample coordinates; blank.py then builds the tensors. The rules follow the official `ConstructBlockStrategy`:
+
+- token level (§2.2): span lengths ~ Poisson(3) truncated to 1..39, drawn until >= int(0.15 * len) tokens;
+  placed per document (sorted by length; every document but the longest takes spans greedily up to 15 % of its
+  length, the longest takes the rest), with `sample_spans`' offsets formula, so spans never touch, never cross an
+  <eos> and never cover the last token.
+- sentence level (§2.3): whole sentences (ending in . ? ! ; : 。 ？ ！ ； … or a newline, found as the official
+  loop finds them, quirks included: see `sentence_spans`), shuffled, taken until their total reaches 15 %.
+- document level (§2.4): one span of length g, as a suffix (prefix branch) or anywhere (infill branch).
+
+One deliberate difference: where the official code *drops* a sample whose spans do not fit, we *redraw* the span
+lengths and count it in `stats["resampled"]`; after `max_tries` failed draws the spans are packed into the documents
+as tightly as they fit, shortest spans first (`stats["packed"]`), and only a sample too short for that raises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minglm.tokenizer import CLS_ID, EOS_ID
+
+SENTENCE_END_CHARS = ".?!;:。？！；…\n"
+
+
+def truncated_poisson_pmf(lam: float = 3.0, max_len: int = 39) -> np.ndarray:
+    """P(len = k) for k = 1..max_len: Poisson(lam) with 0 excluded and renormalised (official range(1, 40))."""
+    k = np.arange(1, max_len + 1)
+    logp = k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k])
+    p = np.exp(logp)
+    return p / p.sum()
+
+
+def draw_span_lengths(total: int, rng: np.random.Generator, cdf: np.ndarray) -> np.ndarray:
+    """Draw lengths (1-based, by inverse CDF) until their sum reaches `total`; the last one may overshoot."""
+    if total <= 0:
+        return np.zeros(0, dtype=np.int64)
+    out = []
+    need = total
+    while need > 0:
+        n = max(4, int(need / 2.5) + 4)  # the mean is about 3.2, so one batch almost always suffices
+        lens = np.searchsorted(cdf, rng.random(n), side="right") + 1
+        csum = np.cumsum(lens)
+        k = int(np.searchsorted(csum, need))  # first index where the running sum reaches `need`
+        if k < n:
+            out.append(lens[: k + 1])
+            need = 0
+        else:
+            out.append(lens)
+            need -= int(csum[-1])
+    return np.concatenate(out).astype(np.int64)
+
+
+def split_documents(tokens: np.ndarray, cls_id: int = CLS_ID, eos_id: int = EOS_ID) -> list[tuple[int, int]]:
+    """(offset, length) of each maskable document region of a framed sample, official order (last document first).
+
+    A document excludes its leading [CLS] and its <eos>; the sample's last token is never maskable (§2.2).
+    """
+    L = len(tokens)
+    eos = np.flatnonzero(tokens == eos_id)
+    starts = np.concatenate([[-1], eos])  # index of the <eos> before each document (-1 for the first)
+    ends = np.concatenate([eos, [L]])  # exclusive end of each document
+    docs = []
+    for k in range(len(starts) - 1, -1, -1):  # per document, not per token
+        s, e = int(starts[k]), int(ends[k])
+        if s + 1 < L and tokens[s + 1] == cls_id:
+            s += 1
+        length = e - s - 1
+        if e == L and length > 0:
+            length -= 1
+        docs.append((s + 1, length))
+    return docs
+
+
+def sample_spans(lengths: np.ndarray, doc_len: int, rng: np.random.Generator, offset: int = 0) -> np.ndarray:
+    """Place spans of `lengths` (in this order) inside [offset, offset + doc_len), at least one token apart.
+
+    Official formula: m = doc_len - sum(lengths) - n + 1; draw n offsets uniformly in 0..m, sort them; span i starts
+    at offset_i + sum_{j<i}(len_j + 1). Returns an (n, 2) array of (start, end).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    m = doc_len - int(lengths.sum()) - n + 1
+    if m < 0:
+        raise ValueError(f"sample_spans: spans of total {int(lengths.sum())} (n={n}) do not fit in {doc_len} tokens")
+    places = np.sort(rng.integers(0, m + 1, size=n))
+    starts = offset + places + np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    return np.stack([starts, starts + lengths], axis=1)
+
+
+def place_spans(tokens: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, ratio: float = 0.15,
+                cls_id: int = CLS_ID, eos_id: int = EOS_ID, pack: bool = False) -> np.ndarray | None:
+    """`sample_span_in_document` (§2.2): spread the spans over the documents; None when they do not all fit.
+
+    pack=True is the fallback: every document takes as many spans as physically fit, not just 15 % of it.
+    """
+    docs = sorted(split_documents(tokens, cls_id, eos_id), key=lambda d: d[1])  # stable, like the official sort
+    out, i, n = [], 0, len(lengths)
+    for k, (offset, doc_len) in enumerate(docs):
+        if i >= n:
+            break
+        rest = lengths[i:]
+        csum = np.cumsum(rest)
+        if k == len(docs) - 1 or pack:  # fit with one separator between spans: sum + count - 1 <= doc_len
+            take = int(np.searchsorted(csum + np.arange(len(rest)), doc_len, side="right"))
+        else:  # greedy up to 15 % of the document
+            take = int(np.searchsorted(csum, int(ratio * doc_len), side="right"))
+        if take:
+            out.append(sample_spans(rest[:take], doc_len, rng, offset))
+            i += take
+    if i < n:
+        return None
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    spans = np.concatenate(out)
+    return spans[np.argsort(spans[:, 0])]  # text order (documents were visited shortest first)
+
+
+class TokenSpanSampler:
+    """Token-level span sampler (§2.2) with resampling instead of dropping; counts events in `stats`."""
+
+    def __init__(self, ratio: float = 0.15, lam: float = 3.0, max_len: int = 39, max_tries: int = 20,
+                 cls_id: int = CLS_ID, eos_id: int = EOS_ID):
+        self.ratio, self.max_tries = ratio, max_tries
+        self.pmf = truncated_poisson_pmf(lam, max_len)
+        self.cdf = np.cumsum(self.pmf)
+        self.cdf[-1] = 1.0
+        self.cls_id, self.eos_id = cls_id, eos_id
+        self.stats = {"samples": 0, "resampled": 0, "packed": 0}
+
+    def __call__(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        total = int(self.ratio * len(tokens))  # len counts [CLS] and <eos>
+        self.stats["samples"] += 1
+        for attempt in range(self.max_tries + 1):
+            lengths = draw_span_lengths(total, rng, self.cdf)
+            pack = attempt == self.max_tries
+            if pack:  # last resort: small spans first, so they fill the small documents
+                lengths = np.sort(lengths)
+            spans = place_spans(tokens, lengths, rng, self.ratio, self.cls_id, self.eos_id, pack=pack)
+            if spans is not None:
+                if pack:
+                    self.stats["packed"] += 1
+                return spans
+            self.stats["resampled"] += 1
+        raise ValueError(f"TokenSpanSampler: cannot place {total} masked tokens in a sample of length {len(tokens)} "
+                         f"with documents {split_documents(tokens, self.cls_id, self.eos_id)}; use longer documents "
+                         "or a shorter sequence length")
+
+
+def sentence_end_table(tokenizer, chars: str = SENTENCE_END_CHARS) -> np.ndarray:
+    """(V,) bool: does token id contain a sentence-end character (official `contains_sentence_end`)?"""
+    table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    token_bytes = getattr(tokenizer, "token_bytes", None)
+    if token_bytes is not None:  # byte-level BPE: look for the character's UTF-8 bytes inside the token
+        marks = [c.encode("utf-8") for c in chars]
+        for i in range(8, tokenizer.vocab_size):  # once per vocabulary entry, not per token of text
+            table[i] = any(m in token_bytes[i] for m in marks)
+        return table
+    names = tokenizer.id_to_token
+    for i in range(8, tokenizer.vocab_size):
+        table[i] = any(c in names[i] for c in chars)
+    return table
+
+
+def sentence_spans(tokens: np.ndarray, is_end: np.ndarray, cls_id: int = CLS_ID, eos_id: int = EOS_ID) -> np.ndarray:
+    """All sentences of a framed sample as (n, 2) spans, exactly as the official loop finds them (§2.3).
+
+    A sentence ends at a token containing a sentence-end mark and starts after the previous end mark or <eos>
+    (after a leading [CLS] for the first one). Quirks kept from the official code: a run cut off by <eos> without
+    an end mark is no sentence; the run after an <eos> starts *at* the next document's [CLS], so that [CLS] can be
+    blanked with its sentence; and the unfinished run at the end of the sample is a sentence too.
+    """
+    tokens = np.asarray(tokens)
+    L = len(tokens)
+    ends_here = is_end[tokens]
+    bpos = np.flatnonzero(ends_here | (tokens == eos_id))  # every index that resets the running sentence start
+    first = 1 if L and tokens[0] == cls_id else 0
+    starts = np.concatenate([[first], bpos + 1])[:-1] if len(bpos) else np.zeros(0, dtype=np.int64)
+    sel = ends_here[bpos]
+    spans = [np.stack([starts[sel], bpos[sel] + 1], axis=1)]
+    last = int(bpos[-1]) + 1 if len(bpos) else first
+    if last < L:
+        spans.append(np.array([[last, L]]))
+    return np.concatenate(spans).astype(np.int64)
+
+
+def choose_sentences(tokens: np.ndarray, is_end: np.ndarray, rng: np.random.Generator, ratio: float = 0.15,
+                     cls_id: int = CLS_ID, eos_id: int = EOS_ID) -> np.ndarray:
+    """Shuffle the sentences and take them until their total length reaches int(ratio * len) (§2.3)."""
+    spans = sentence_spans(tokens, is_end, cls_id, eos_id)
+    if len(spans) == 0:
+        return spans
+    spans = spans[rng.permutation(len(spans))]
+    csum = np.cumsum(spans[:, 1] - spans[:, 0])
+    take = min(int(np.searchsorted(csum, int(ratio * len(tokens)))) + 1, len(spans))
+    return spans[:take]
+
+
+def is_multi_document(tokens: np.ndarray, eos_id: int = EOS_ID) -> bool:
+    """Official `multiple_doc`: an <eos> somewhere other than the last token."""
+    eos = np.flatnonzero(np.asarray(tokens) == eos_id)
+    return bool(len(eos) and eos[0] != len(tokens) - 1)
+
+
+def draw_gmask_bound(lengths, rng: np.random.Generator, min_ratio: float) -> int:
+    """The per-batch length bound of [gMASK] (§2.4): randint(int(min_ratio * min_len), max_len - 2), inclusive."""
+    lengths = np.asarray(lengths)
+    lo, hi = int(min_ratio * int(lengths.min())), int(lengths.max()) - 2
+    lo = max(lo, 1)
+    if hi < lo:
+        raise ValueError(f"draw_gmask_bound: samples of length {lengths.tolist()} are too short for [gMASK]")
+    return int(rng.integers(lo, hi + 1))
