@@ -14,7 +14,9 @@ Left out on purpose: multiple GPUs, streams and memory pools. CuPy's defaults ar
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -135,3 +137,23 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+def tune_malloc() -> bool:
+    """Keep freed large blocks in the process instead of returning them to the OS (Linux glibc only).
+
+    A training step allocates and frees the same few large temporaries every time. By default glibc serves blocks
+    over 128 KiB with mmap and unmaps them on free, so every step page-faults them in again; that cost 6-8 ms per
+    softmax of 16 MiB here. Raising M_MMAP_THRESHOLD (to 32 MiB, glibc's maximum) and M_TRIM_THRESHOLD makes
+    those blocks reusable. Called by the command line and the benchmarks; set MINGLM_TUNE_MALLOC=0 to skip it.
+    Returns True when the setting was applied.
+    """
+    if os.environ.get("MINGLM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False

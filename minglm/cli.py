@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
+    from minglm.backend import tune_malloc
+
+    tune_malloc()  # fewer page faults from the large per-step temporaries (see its docstring)
     if command not in COMMANDS:
         print(f"minglm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

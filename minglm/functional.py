@@ -77,15 +77,28 @@ class GeLUTanh(Function):
     @staticmethod
     def forward(ctx, x):
         xp = get_xp(x)
-        t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
-        ctx.x, ctx.t = x, t
-        return 0.5 * x * (1.0 + t)
-
+        x2 = x * x
+        u = x2 * 0.044715  # u = c·(x + 0.044715·x³), built in one buffer
+        u *= x
+        u += x
+        u *= _GELU_C
+        t = xp.tanh(u, out=u)
+        ctx.x, ctx.x2, ctx.t = x, x2, t
+        out = t + 1.0
+        out *= x
+        out *= 0.5
+        return out
     @staticmethod
     def backward(ctx, grad):
-        x, t = ctx.x, ctx.t
-        du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-        return (grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
+        x, x2, t = ctx.x, ctx.x2, ctx.t
+        d = x2 * (3 * 0.044715)  # d = 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²) + 0.5·(1 + t)
+        d += 1.0
+        d *= x
+        d *= 0.5 * _GELU_C
+        d *= 1.0 - t * t
+        d += 0.5 * (1.0 + t)
+        d *= grad
+        return (d,)
 
 
 class GeLUExact(Function):
@@ -145,6 +158,13 @@ def _softmax_array(x, axis: int):
     return s
 
 
+def _rowdot(a, b, axis):
+    """Σ_j a_j b_j along ``axis`` (keepdims), without an (a*b) temporary."""
+    xp = get_xp(a)
+    d = xp.einsum("...i,...i->...", xp.moveaxis(a, axis, -1), xp.moveaxis(b, axis, -1))
+    return xp.expand_dims(d, axis)
+
+
 class Softmax(Function):
     """y = softmax(x). Backward: dx = y ⊙ (dy − Σ_j dy_j y_j), the Jacobian-vector product without the Jacobian."""
 
@@ -157,7 +177,9 @@ class Softmax(Function):
     @staticmethod
     def backward(ctx, grad):
         y = ctx.out
-        return (y * (grad - (grad * y).sum(axis=ctx.axis, keepdims=True)),)
+        dx = grad - _rowdot(grad, y, ctx.axis)
+        dx *= y
+        return (dx,)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -267,28 +289,28 @@ class LayerNorm(Function):
                 f"layer_norm: input of shape {x.shape} needs weight and bias of shape ({C},), "
                 f"got {weight.shape} and {bshape}"
             )
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        xc = x - x.mean(axis=-1, keepdims=True)
+        var = xp.einsum("...c,...c->...", xc, xc)[..., None] * (1.0 / C)
         rstd = 1.0 / xp.sqrt(var + eps)
         xhat = xc
-        xhat *= rstd  # (..., C), reusing xc's buffer
+        xhat *= rstd
         ctx.xhat, ctx.rstd, ctx.weight = xhat, rstd, weight
         out = xhat * weight
         if bias is not None:
             out += bias
         return out
-
     @staticmethod
     def backward(ctx, grad):
+        xp = get_xp(grad)
         xhat, rstd, w = ctx.xhat, ctx.rstd, ctx.weight
         C = xhat.shape[-1]
         g = grad * w
-        mean_g = g.mean(axis=-1, keepdims=True)
-        mean_gx = (g * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)
-        dx = (g - mean_g - xhat * mean_gx) * rstd
-        g2 = grad.reshape(-1, C)
-        dw = (g2 * xhat.reshape(-1, C)).sum(axis=0)
+        mean_gx = xp.einsum("...c,...c->...", g, xhat)[..., None] * (1.0 / C)
+        dx = g - g.mean(axis=-1, keepdims=True)
+        dx -= xhat * mean_gx
+        dx *= rstd
+        g2, x2 = grad.reshape(-1, C), xhat.reshape(-1, C)
+        dw = xp.einsum("nc,nc->c", g2, x2)
         db = g2.sum(axis=0)
         return dx, dw, db
 
@@ -347,7 +369,7 @@ class Linear(Function):
     def backward(ctx, grad):
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         dx = (g2 @ ctx.weight).reshape(ctx.xshape) if ctx.needs_input_grad[0] else None
-        dw = g2.T @ ctx.x2
+        dw = g2.T @ ctx.x2 if ctx.needs_input_grad[1] else None  # frozen weights (LoRA) skip a whole GEMM
         db = g2.sum(axis=0) if ctx.has_bias else None
         return dx, dw, db
 
@@ -506,25 +528,26 @@ class Attention(Function):
         s = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
         s *= scale
         if allowed is not None:
-            s = xp.where(allowed, s, np.finfo(q.dtype).min)  # exp() of it is exactly 0, as with GLM's -65504
-        p = _softmax_array(s, axis=-1)
+            xp.copyto(s, np.finfo(q.dtype).min, where=~allowed)  # in place: exp() of it is exactly 0
+        s -= s.max(axis=-1, keepdims=True)  # softmax in place, in s's own buffer
+        xp.exp(s, out=s)
+        s *= 1.0 / s.sum(axis=-1, keepdims=True)
+        p = s
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale, ctx.keep = q, k, v, p, scale, keep
         return (p * keep if keep is not None else p) @ v  # (B, H, Tq, D)
-
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
         q, k, v, p, keep = ctx.q, ctx.k, ctx.v, ctx.p, ctx.keep
         pd = p * keep if keep is not None else p
         dv = xp.swapaxes(pd, -1, -2) @ grad
-        dp = grad @ xp.swapaxes(v, -1, -2)
+        ds = grad @ xp.swapaxes(v, -1, -2)  # dP, then turned into dS in place
         if keep is not None:
-            dp *= keep
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+            ds *= keep
+        ds -= xp.einsum("...ij,...ij->...i", ds, p)[..., None]
+        ds *= p
         ds *= ctx.scale
-        dq = ds @ k
-        dk = xp.swapaxes(ds, -1, -2) @ q
-        return dq, dk, dv, None, None, None
+        return ds @ k, xp.swapaxes(ds, -1, -2) @ q, dv, None, None, None
 
 
 class FlashAttention(Function):

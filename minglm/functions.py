@@ -119,18 +119,21 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a  # promote 1-D operands as matmul does
         b2 = b[:, None] if b.ndim == 1 else b
         g2 = grad
-        if a.ndim == 1:  # the promoted row axis sits just before the last axis of the output (or is the only one)
-            g2 = xp.expand_dims(g2, -2 if g2.ndim >= 1 and b.ndim > 1 else 0)
-        if b.ndim == 1:
+        if b.ndim == 1:  # first the column of b, then the row of a: a 0-d grad (vector @ vector) becomes (1, 1)
             g2 = xp.expand_dims(g2, -1)
-        ga = g2 @ xp.swapaxes(b2, -1, -2)
-        gb = xp.swapaxes(a2, -1, -2) @ g2
         if a.ndim == 1:
-            ga = ga.reshape(ga.shape[:-2] + ga.shape[-1:])
-            ga = ga.sum(axis=tuple(range(ga.ndim - 1))) if ga.ndim > 1 else ga
-        if b.ndim == 1:
-            gb = gb[..., 0]
-            gb = gb.sum(axis=tuple(range(gb.ndim - 1))) if gb.ndim > 1 else gb
+            g2 = xp.expand_dims(g2, -2)
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = g2 @ xp.swapaxes(b2, -1, -2)
+            if a.ndim == 1:
+                ga = ga.reshape(ga.shape[:-2] + ga.shape[-1:])
+                ga = ga.sum(axis=tuple(range(ga.ndim - 1))) if ga.ndim > 1 else ga
+        if ctx.needs_input_grad[1]:
+            gb = xp.swapaxes(a2, -1, -2) @ g2
+            if b.ndim == 1:
+                gb = gb[..., 0]
+                gb = gb.sum(axis=tuple(range(gb.ndim - 1))) if gb.ndim > 1 else gb
         return ga, gb
 
 

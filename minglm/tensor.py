@@ -73,7 +73,10 @@ class Function:
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         ctx.needs_input_grad = tuple(_grad_enabled[0] and isinstance(a, Tensor) and a.requires_grad for a in args)
         out = cls.forward(ctx, *arrays, **kwargs)
-        needs_grad = any(ctx.needs_input_grad)
+        if isinstance(out, np.generic):  # NumPy reductions return scalars; keep every .data a real (0-d) array
+            out = np.asarray(out)
+        # only floating-point results carry gradients (a cast to int cuts the graph)
+        needs_grad = any(ctx.needs_input_grad) and out.dtype.kind == "f"
         result = Tensor._wrap(out, needs_grad)
         if needs_grad:
             ctx.inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
