@@ -1,0 +1,153 @@
+"""Weights in and out of minglm under the names the official GLM code and SwissArmyTransformer (SAT) use.
+
+Three layouts of the same tensors (GLM-REFERENCE.md §9.3); only the names differ, every shape is identical:
+
+minglm name -> official THUDM/GLM name (``checkpoint['module']``) -> SAT 0.4.12 ``GLMModel`` name:
+- ``word_embeddings.weight`` -> ``word_embeddings.weight`` -> ``transformer.word_embeddings.weight``
+- ``position_embeddings.weight`` -> ``transformer.position_embeddings.weight`` (SAT: the same)
+- ``block_position_embeddings.weight`` -> ``transformer.block_position_embeddings.weight``
+  -> ``mixins.block_position_embedding.block_position_embeddings.weight``
+- ``layers.{i}.<rest>`` -> ``transformer.layers.{i}.<rest>`` (SAT: the same), where <rest> is
+  ``input_layernorm``, ``attention.query_key_value``, ``attention.dense``, ``post_attention_layernorm``,
+  ``mlp.dense_h_to_4h`` or ``mlp.dense_4h_to_h``, each ``.weight`` and ``.bias``
+- ``final_layernorm.{weight,bias}`` -> ``transformer.final_layernorm.{weight,bias}`` (SAT: the same)
+
+Linear weights are (out, in) everywhere and the QKV rows are [q; k; v], head-major, so nothing is transposed.
+Files are ``.npz`` (read with ``allow_pickle=False``). A PyTorch checkpoint of the official code can be converted when
+torch is installed; it is opened with ``weights_only=True``, so no pickled code ever runs.
+
+Left out: model-parallel shards (merge them first), fp16 master weights and optimizer states, and the vocabulary
+padding (a padded table loads as it is; its extra rows are never produced by a minglm tokenizer).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+LAYOUTS = ("minglm", "official", "sat")
+
+# minglm name -> {layout: name} for the tensors outside the layers
+_FIXED = {
+    "word_embeddings.weight": {"official": "word_embeddings.weight", "sat": "transformer.word_embeddings.weight"},
+    "position_embeddings.weight": {"official": "transformer.position_embeddings.weight",
+                                   "sat": "transformer.position_embeddings.weight"},
+    "block_position_embeddings.weight": {
+        "official": "transformer.block_position_embeddings.weight",
+        "sat": "mixins.block_position_embedding.block_position_embeddings.weight",
+    },
+}
+# the per-layer and final-LayerNorm names: minglm prefix -> the same under "transformer." in both other layouts
+_PREFIXED = re.compile(r"^(layers\.\d+\.|final_layernorm\.)")
+
+
+def _to_minglm_name(name: str, layout: str) -> str:
+    if layout == "minglm":
+        return name
+    for ours, theirs in _FIXED.items():
+        if theirs[layout] == name:
+            return ours
+    if name.startswith("transformer.") and _PREFIXED.match(name[len("transformer."):]):
+        return name[len("transformer."):]
+    raise KeyError(f"interop: {name!r} is not a GLM parameter name of the {layout!r} layout")
+
+
+def _from_minglm_name(name: str, layout: str) -> str:
+    if layout == "minglm":
+        return name
+    if name in _FIXED:
+        return _FIXED[name][layout]
+    if _PREFIXED.match(name):
+        return "transformer." + name
+    raise KeyError(f"interop: {name!r} is not a minglm GLM parameter name")
+
+
+def convert_names(state: dict, src: str, dst: str) -> dict:
+    """Rename every key of ``state`` from layout ``src`` to ``dst`` ("minglm" | "official" | "sat"); arrays are shared.
+
+    An unknown key raises a KeyError that names it.
+    """
+    for layout in (src, dst):
+        if layout not in LAYOUTS:
+            raise ValueError(f"interop.convert_names: layout must be one of {LAYOUTS}, got {layout!r}")
+    out = {}
+    for name, value in state.items():
+        new = _from_minglm_name(_to_minglm_name(name, src), dst)
+        if new in out:
+            raise KeyError(f"interop.convert_names: two keys map to {new!r}")
+        out[new] = value
+    return out
+
+
+def detect_layout(state: dict) -> str:
+    """Tell the layout of a state dict from its block-position-embedding key (the one name all three differ in)."""
+    for layout in LAYOUTS:
+        if _from_minglm_name("block_position_embeddings.weight", layout) in state:
+            return layout
+    raise KeyError("interop.detect_layout: no block-position-embedding key found; is this a GLM state dict?")
+
+
+def config_from_state_dict(state: dict, n_head: int, **overrides):
+    """A GLMConfig with the sizes read off the tensors (any layout). The head count is not stored: pass it."""
+    from minglm.model import GLMConfig  # interop sits above model in the layering
+
+    sd = convert_names(state, detect_layout(state), "minglm")
+    V, C = sd["word_embeddings.weight"].shape
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    values = dict(vocab_size=int(V), d_model=int(C), n_head=int(n_head), n_layer=n_layer,
+                  max_len=int(sd["position_embeddings.weight"].shape[0]) - 1)
+    values.update(overrides)
+    return GLMConfig(**values)
+
+
+def export_state_dict(model, layout: str = "official") -> dict[str, np.ndarray]:
+    """The model's weights as NumPy float32 arrays under the names of ``layout``."""
+    return convert_names(model.state_dict(), "minglm", layout)
+
+
+def load_state_dict(model, state: dict, strict: bool = True) -> None:
+    """Load a state dict of any layout (detected from its keys) into a minglm GLM; shapes are checked by name."""
+    model.load_state_dict(convert_names(state, detect_layout(state), "minglm"), strict=strict)
+
+
+def save(model, path, layout: str = "official") -> Path:
+    """Write the model's weights to ``path`` (.npz) under the names of ``layout``; returns the path."""
+    path = Path(path)
+    np.savez(path, **export_state_dict(model, layout))
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """Read a .npz of weights (never unpickling anything)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def load(model, path, strict: bool = True) -> None:
+    """Load an .npz in any of the three layouts into ``model``."""
+    load_state_dict(model, load_npz(path), strict=strict)
+
+
+def torch_checkpoint_to_npz(src, dst) -> Path:
+    """Convert an official GLM PyTorch checkpoint (``{'module': state_dict}`` or a bare state dict) to an .npz in the
+    official layout. Needs torch; loads tensors only (``weights_only=True``)."""
+    try:
+        import torch  # noqa: PLC0415 - optional, only for this converter
+    except ImportError:
+        raise ImportError("interop.torch_checkpoint_to_npz needs PyTorch (pip install torch)") from None
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.get("module", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"interop: {src} holds no state dict (expected {{'module': ...}} or a dict of tensors)")
+    arrays = {}
+    for name, value in state.items():
+        if not hasattr(value, "detach"):
+            continue
+        arrays[name] = value.detach().to(torch.float32).numpy()
+    layout = detect_layout(arrays)
+    arrays = convert_names(arrays, layout, "official")
+    dst = Path(dst)
+    np.savez(dst, **arrays)
+    return dst

@@ -1,0 +1,339 @@
+"""The GLM model (General Language Model, Du et al. 2021), in one file, ordered by data flow.
+
+Glossary: B = batch, T = time (sequence length), C = channels (d_model), nh = heads, hs = head size (C // nh),
+V = vocabulary, L = layers, N = B*T (activations are kept as (N, C) so every Linear is one large GEMM).
+
+What makes it GLM rather than GPT (GLM-REFERENCE.md §3, §4, §11):
+- the input is word + position + *block-position* embedding: two learned position tables of max_len + 1 rows;
+- attention is bidirectional over Part A (keys j < sep) and causal over Part B, computed from one integer ``sep``
+  per sample; no T×T mask is ever stored in a batch;
+- pre-LN blocks with LayerNorm eps 1e-5, a fused QKV projection split into [q | k | v], tanh-GeLU MLP of width 4C,
+  a final LayerNorm, and an output head tied to the word embeddings with no bias;
+- init N(0, 0.02), and 0.02/√(2L) on the two projections that write into the residual stream.
+
+Parameter names follow the official checkpoints minus their prefixes (see ``minglm/interop.py`` for the mapping):
+``word_embeddings.weight``, ``position_embeddings.weight``, ``layers.3.attention.query_key_value.weight``, ...
+
+Left out on purpose: Transformer-XL ``mems`` (the official inference cache stores each layer's *input*; ``KVCache``
+here stores K and V instead, which gives the same logits at lower cost), model parallelism, fp16, checkpointed
+activations, and padding the vocabulary to a multiple of 128 (a speed trick for GPUs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+import minglm.functional as F
+from minglm.backend import get_xp, to_device, to_numpy
+from minglm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from minglm.tensor import Tensor, no_grad
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GLMConfig:
+    vocab_size: int = 256  # chars + the 8 special ids fit easily; GLM pads a BPE vocabulary to a multiple of 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    max_len: int = 128  # largest position / block-position id; each table has max_len + 1 rows, as in GLM
+    seq_len: int | None = None  # training context length, if known; it must fit in the position tables
+    dropout: float = 0.0  # embedding + hidden dropout. GLM used 0.1; 0 suits the small CPU runs of the course
+    attn_dropout: float = 0.0  # dropout on the attention probabilities (GLM: 0.1)
+    layernorm_eps: float = 1e-5  # apex FusedLayerNorm's default: GLM never passes its own eps in
+    init_std: float = 0.02  # N(0, 0.02) for every weight; the residual projections get 0.02/√(2·n_layer)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value <= 0:
+                raise ValueError(f"GLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.seq_len is not None:
+            if not isinstance(self.seq_len, int | np.integer) or self.seq_len <= 0:
+                raise ValueError(f"GLMConfig.seq_len must be a positive integer or None, got {self.seq_len!r}")
+            if self.max_len < self.seq_len:
+                raise ValueError(
+                    f"GLMConfig.max_len ({self.max_len}) must be >= seq_len ({self.seq_len}): "
+                    "positions up to seq_len - 1 and block positions up to the span length must fit the tables"
+                )
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GLMConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GLMConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("layernorm_eps", "init_std"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"GLMConfig.{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    # The presets. tiny trains a readable character-level Shakespeare model in a few minutes on 2 CPU cores;
+    # small is the benchmark config of PERFORMANCE.md; base is for a GPU.
+    PRESETS = {
+        "tiny": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128),
+        "small": dict(n_layer=4, n_head=8, d_model=256, max_len=256, seq_len=256),
+        "base": dict(n_layer=8, n_head=8, d_model=512, max_len=512, seq_len=512),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GLMConfig:
+        """A named config with overrides, e.g. ``GLMConfig.preset("small", vocab_size=80)``.
+
+        When seq_len is overridden and max_len is not, max_len follows seq_len.
+        """
+        if name not in cls.PRESETS:
+            raise ValueError(f"GLMConfig.preset: unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}")
+        values = dict(cls.PRESETS[name])
+        if "seq_len" in overrides and "max_len" not in overrides and overrides["seq_len"] is not None:
+            values["max_len"] = max(values["max_len"], overrides["seq_len"])
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict of every field."""
+        return {k: (int(v) if isinstance(v, np.integer) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GLMConfig:
+        """Build from a dict (e.g. read from config.json); unknown keys are an error, missing keys take defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GLMConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+# --- the transformer ------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(Module):
+    """Multi-head self-attention with GLM's mask, a fused QKV projection and an output projection."""
+
+    def __init__(self, config: GLMConfig, rng: np.random.Generator):
+        super().__init__()
+        C, std = config.d_model, config.init_std
+        self.n_head, self.attn_dropout = config.n_head, config.attn_dropout
+        self.query_key_value = Linear(C, 3 * C, rng, std=std)  # weight (3C, C): rows [q; k; v], each head-major
+        self.dense = Linear(C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # writes into the residual
+        self.dropout = Dropout(config.dropout)
+
+    def qkv(self, h: Tensor, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Project (N, C) to q, k, v of shape (B, nh, T, hs): strided views of the one QKV output, no copies."""
+        C = h.shape[-1]
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.query_key_value(h)  # (N, 3C)
+        # The last dim is [q | k | v], each C wide and head-major: view it as (B, T, 3, nh, hs).
+        qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs), a view
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
+                rng: np.random.Generator | None = None) -> Tensor:
+        C = h.shape[-1]
+        q, k, v = self.qkv(h, B, T)  # each (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, nh, Tk, hs): everything cached so far, these T included
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng)  # (B, nh, T, hs)
+        y = y.permute(0, 2, 1, 3).reshape(B * T, C)  # (N, C): heads side by side again
+        return self.dropout(self.dense(y), rng)
+
+
+class MLP(Module):
+    """Linear(C→4C) → tanh-GeLU → Linear(4C→C) → dropout."""
+
+    def __init__(self, config: GLMConfig, rng: np.random.Generator):
+        super().__init__()
+        C, std = config.d_model, config.init_std
+        self.dense_h_to_4h = Linear(C, 4 * C, rng, std=std)
+        self.dense_4h_to_h = Linear(4 * C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # residual writer
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, h: Tensor, rng: np.random.Generator | None = None) -> Tensor:
+        h = F.gelu(self.dense_h_to_4h(h), approximate="tanh")  # (N, 4C)
+        return self.dropout(self.dense_4h_to_h(h), rng)  # (N, C)
+
+
+class Block(Module):
+    """One pre-LN transformer layer: x + Attn(LN1(x)), then + MLP(LN2(x)).
+
+    ``post_attention_layernorm`` is the official name of the LayerNorm *before* the MLP.
+    """
+
+    def __init__(self, config: GLMConfig, rng: np.random.Generator):
+        super().__init__()
+        C, eps = config.d_model, config.layernorm_eps
+        self.input_layernorm = LayerNorm(C, eps)
+        self.attention = SelfAttention(config, rng)
+        self.post_attention_layernorm = LayerNorm(C, eps)
+        self.mlp = MLP(config, rng)
+
+    def forward(self, x: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
+                rng: np.random.Generator | None = None) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng)  # (N, C)
+        return x + self.mlp(self.post_attention_layernorm(x), rng)  # (N, C)
+
+
+class GLM(Module):
+    """The GLM language model: ``forward(tokens, position_ids, block_position_ids, sep) -> logits (B, T, V)``."""
+
+    def __init__(self, config: GLMConfig, rng: np.random.Generator):
+        super().__init__()
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"GLM: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        self.config = config
+        C, std, P = config.d_model, config.init_std, config.max_len + 1
+        self.word_embeddings = Embedding(config.vocab_size, C, rng, std)  # (V, C), also the output head
+        self.position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): the position in the text
+        self.block_position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): 0 in Part A, 1.. in a span
+        self.embedding_dropout = Dropout(config.dropout)
+        self.layers = ModuleList(Block(config, rng) for _ in range(config.n_layer))
+        self.final_layernorm = LayerNorm(C, config.layernorm_eps)
+
+    def _check_inputs(self, tokens, position_ids, block_position_ids, sep, cache):
+        """Validate shapes and id ranges with errors that say what is wrong; returns int arrays and (B,) sep."""
+        xp = get_xp(self.word_embeddings.weight.data)
+        arrays = []
+        for name, a in (("tokens", tokens), ("position_ids", position_ids), ("block_position_ids",
+                                                                           block_position_ids)):
+            a = a.data if isinstance(a, Tensor) else a
+            a = xp.asarray(a)
+            if a.ndim != 2:
+                raise ValueError(f"GLM.forward: {name} must be (B, T), got shape {a.shape}")
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"GLM.forward: {name} must be integers, got dtype {a.dtype}")
+            arrays.append(a)
+        tokens, position_ids, block_position_ids = arrays
+        B, T = tokens.shape
+        if position_ids.shape != (B, T) or block_position_ids.shape != (B, T):
+            raise ValueError(
+                f"GLM.forward: tokens {tokens.shape}, position_ids {position_ids.shape} and block_position_ids "
+                f"{block_position_ids.shape} must have the same (B, T) shape"
+            )
+        max_len = self.config.max_len
+        for name, a in (("position_ids", position_ids), ("block_position_ids", block_position_ids)):
+            if a.size and (int(a.max()) > max_len or int(a.min()) < 0):
+                raise ValueError(
+                    f"GLM.forward: {name} range [{int(a.min())}, {int(a.max())}] does not fit the position table "
+                    f"of max_len={max_len} (ids 0..{max_len}); the input is too long for this model"
+                )
+        if sep is None:
+            raise ValueError("GLM.forward: sep is required (the Part A length per sample; use 0 for causal)")
+        sep = xp.asarray(sep.data if isinstance(sep, Tensor) else sep).reshape(-1).astype(np.int64)
+        if sep.shape[0] == 1 and B > 1:
+            sep = xp.broadcast_to(sep, (B,))
+        if sep.shape[0] != B:
+            raise ValueError(f"GLM.forward: sep has {sep.shape[0]} entries for a batch of {B}")
+        if cache is not None and cache.length + T > cache.max_len:
+            raise ValueError(
+                f"GLM.forward: the KV cache holds {cache.length} of {cache.max_len} positions and cannot take {T} more"
+            )
+        return tokens, position_ids, block_position_ids, sep
+
+    def embed(self, tokens, position_ids, block_position_ids, rng=None) -> Tensor:
+        """word + position + block-position embedding, then dropout: (N, C)."""
+        x = self.word_embeddings(tokens.reshape(-1))  # (N, C)
+        x = x + self.position_embeddings(position_ids.reshape(-1))
+        x = x + self.block_position_embeddings(block_position_ids.reshape(-1))
+        return self.embedding_dropout(x, rng)
+
+    def forward(self, tokens, position_ids, block_position_ids, sep, cache: KVCache | None = None,
+                rng: np.random.Generator | None = None) -> Tensor:
+        """Logits (B, T, V) for int arrays tokens / position_ids / block_position_ids (B, T) and sep (B,).
+
+        Key j is visible to query i when j < sep[b] (Part A) or j <= i. With a ``cache`` the new K/V are appended
+        and the queries attend over everything cached so far (sep counts from the start of the cache); the cached
+        K/V carry no gradient, so use a cache for inference only.
+        ``rng`` drives dropout in training mode.
+        """
+        tokens, position_ids, block_position_ids, sep = self._check_inputs(
+            tokens, position_ids, block_position_ids, sep, cache
+        )
+        B, T = tokens.shape
+        x = self.embed(tokens, position_ids, block_position_ids, rng)  # (N, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, B, T, sep, i, cache, rng)  # (N, C)
+        if cache is not None:
+            cache.length += T
+        x = self.final_layernorm(x)  # (N, C)
+        logits = F.linear(x, self.word_embeddings.weight)  # (N, V): tied head, no bias
+        return logits.reshape(B, T, self.config.vocab_size)  # (B, T, V)
+
+    @no_grad()
+    def attention_probs(self, tokens, position_ids, block_position_ids, sep, layer: int) -> np.ndarray:
+        """The attention probabilities (B, nh, T, T) of one layer, as NumPy, for plots (no dropout)."""
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"GLM.attention_probs: layer must be in [0, {len(self.layers)}), got {layer}")
+        tokens, position_ids, block_position_ids, sep = self._check_inputs(
+            tokens, position_ids, block_position_ids, sep, None
+        )
+        B, T = tokens.shape
+        x = self.embed(tokens, position_ids, block_position_ids)
+        for i in range(layer):
+            x = self.layers[i](x, B, T, sep)  # (N, C)
+        attn = self.layers[layer].attention
+        q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T)
+        xp = get_xp(q.data)
+        s = (q.data @ xp.swapaxes(k.data, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
+        s = xp.where(F.glm_mask(xp, sep, T, T), s, -np.inf)
+        return to_numpy(F.softmax(Tensor._wrap(s, False), axis=-1).data)
+
+
+# --- inference cache ------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (L, B, nh, max_len, hs) each, filled left to right.
+
+    Usage: encode the context once with ``sep = len(context)`` (full attention over it), then feed one token at a
+    time with ``sep = 0``: each step computes q, k, v for the new token only and attends over the ``length``
+    cached positions, so a token costs O(T) instead of recomputing the whole sequence (O(T²)).
+    ``truncate(n)`` rolls the cache back to its first n positions (e.g. to try several continuations of a context).
+    """
+
+    def __init__(self, model_or_config, batch_size: int, max_len: int, xp=np, dtype=np.float32):
+        config = model_or_config.config if isinstance(model_or_config, GLM) else model_or_config
+        if not isinstance(config, GLMConfig):
+            raise TypeError(f"KVCache: expected a GLM or a GLMConfig, got {type(model_or_config).__name__}")
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache: batch_size and max_len must be positive, got {batch_size} and {max_len}")
+        if isinstance(model_or_config, GLM):
+            dtype = model_or_config.word_embeddings.weight.dtype
+            xp = get_xp(model_or_config.word_embeddings.weight.data)
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = xp.zeros(shape, dtype=dtype)  # (L, B, nh, max_len, hs)
+        self.v = xp.zeros(shape, dtype=dtype)  # (L, B, nh, max_len, hs)
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new (B, nh, T, hs) keys/values after the cached ones; return all of them as (B, nh, Tk, hs)."""
+        B, _, T, _ = k.shape
+        if B != self.batch_size:
+            raise ValueError(f"KVCache: built for a batch of {self.batch_size}, got {B}")
+        end = self.length + T
+        self.k[layer, :, :, self.length:end] = k.data
+        self.v[layer, :, :, self.length:end] = v.data
+        return Tensor._wrap(self.k[layer, :, :, :end], False), Tensor._wrap(self.v[layer, :, :, :end], False)
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate: length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+
+# --- loss -------------------------------------------------------------------------------------------------------
+
+
+def glm_loss(model: GLM, batch, rng: np.random.Generator | None = None) -> Tensor:
+    """GLM's loss (§5): cross-entropy summed over every target with loss_mask 1 in the batch, divided by their count."""
+    logits = model(batch.tokens, batch.position_ids, batch.block_position_ids, batch.sep, rng=rng)  # (B, T, V)
+    xp = get_xp(logits.data)  # the batch is NumPy; on a GPU the targets follow the logits there
+    return F.cross_entropy(logits, to_device(batch.targets, xp), to_device(batch.loss_mask, xp))
