@@ -1,0 +1,294 @@
+"""Checkpoints that survive a crash: ``step_N.npz`` (the arrays) + ``step_N.json`` (what they are), written atomically.
+
+A checkpoint is a pair of files in one folder:
+- ``step_N.npz``: every array (parameters, optimizer moments, ...) in NumPy's plain ``.npz`` format, read back with
+  ``np.load(..., allow_pickle=False)`` so a file can never run code;
+- ``step_N.json``: the step, the npz's file name and SHA-256, the name/shape/dtype of every array, and ``meta``
+  (config, tokenizer, RNG state, data position, ... whatever the caller passes; it must be JSON).
+
+Why it is crash-safe: each file is written to a temporary file *in the same folder*, flushed and fsync'ed, then
+``os.replace``'d onto its final name (an atomic rename on POSIX). The JSON is written last and acts as the commit
+record: a crash before it leaves no JSON (the pair is ignored), and a crash that leaves a JSON beside a different or
+torn npz is caught by the SHA-256. ``load_checkpoint`` checks the hash, the array names, shapes and dtypes, and
+(when asked) the config and vocabulary *before* returning anything, so a caller never half-loads a model.
+
+Left out: sharded checkpoints, safetensors, async saving and cloud storage. Reference: TOOLING.md (checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "minglm-checkpoint"
+VERSION = 1
+_NAME_RE = re.compile(r"^step_(\d+)\.json$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, torn, corrupt, or does not fit what the caller expects."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, fully in memory."""
+
+    step: int
+    arrays: dict[str, np.ndarray]
+    meta: dict
+    path: Path  # the step_N.json file
+    info: dict = field(default_factory=dict)  # the whole JSON record
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it onto ``path`` atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json_atomic(path, obj, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (also used for config.json and summary.json)."""
+    path = Path(path)
+    data = (json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def checkpoint_steps(directory) -> list[int]:
+    """The steps that have a ``step_N.json`` in ``directory``, ascending (not verified)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := _NAME_RE.match(p.name))]
+    return sorted(steps)
+
+
+def save_checkpoint(directory, step: int, arrays: dict, meta: dict, keep: int | None = None) -> Path:
+    """Write ``step_N.npz`` + ``step_N.json`` atomically into ``directory``; keep only the last ``keep`` (None: all).
+
+    ``arrays`` maps names to arrays (NumPy; CuPy arrays are copied to the host); ``meta`` must be JSON-serialisable.
+    Returns the path of the JSON record.
+    """
+    if not isinstance(step, int | np.integer) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    host = {}
+    for name, a in arrays.items():
+        a = a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+        if a.dtype == object:
+            raise ValueError(f"save_checkpoint: array {name!r} has dtype object, which cannot be saved without pickle")
+        host[name] = a
+    try:  # fail before writing anything when the meta cannot be stored
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_checkpoint: meta must be JSON-serialisable without NaN/inf ({e})") from e
+    step = int(step)
+    npz_path = directory / f"step_{step}.npz"
+    json_path = directory / f"step_{step}.json"
+    _atomic_write(npz_path, lambda f: np.savez(f, **host))
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "npz": npz_path.name,
+        "sha256": _sha256(npz_path),
+        "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in host.items()},
+        "meta": meta,
+    }
+    write_json_atomic(json_path, record, indent=None)  # the commit record: written last
+    _fsync_dir(directory)
+    if keep is not None:
+        prune_checkpoints(directory, keep)
+    return json_path
+
+
+def prune_checkpoints(directory, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (the JSON first, so no record ever points at a missing npz)."""
+    if keep < 1:
+        raise ValueError(f"prune_checkpoints: keep must be >= 1, got {keep}")
+    directory = Path(directory)
+    for step in checkpoint_steps(directory)[:-keep]:
+        for suffix in (".json", ".npz"):
+            try:
+                (directory / f"step_{step}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+    # leftovers of a crash mid-write: temp files of ours that were never renamed
+    for p in directory.glob(".step_*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _resolve(path_or_dir) -> Path:
+    """A step_N.json path from a checkpoint folder (its newest valid one), a .json or a .npz path."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"load_checkpoint: no valid checkpoint in {p}")
+        return latest
+    if p.suffix == ".npz":
+        p = p.with_suffix(".json")
+    if not p.is_file():
+        raise CheckpointError(f"load_checkpoint: {p} does not exist (a checkpoint is step_N.npz + step_N.json)")
+    return p
+
+
+def _read_record(json_path: Path) -> dict:
+    try:
+        record = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"load_checkpoint: {json_path} is not a readable JSON record ({e})") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"load_checkpoint: {json_path} is not a {FORMAT} record")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"load_checkpoint: {json_path} has version {record.get('version')}, expected {VERSION}")
+    for key in ("step", "npz", "sha256", "arrays", "meta"):
+        if key not in record:
+            raise CheckpointError(f"load_checkpoint: {json_path} lacks the field {key!r}")
+    return record
+
+
+def verify_checkpoint(json_path) -> dict:
+    """Check that the npz named by ``json_path`` exists and has the recorded SHA-256; return the record."""
+    json_path = Path(json_path)
+    record = _read_record(json_path)
+    npz_path = json_path.parent / record["npz"]
+    if Path(record["npz"]).name != record["npz"]:
+        raise CheckpointError(f"load_checkpoint: {json_path} names an npz outside its folder: {record['npz']!r}")
+    if not npz_path.is_file():
+        raise CheckpointError(f"load_checkpoint: {npz_path} is missing (named by {json_path.name})")
+    digest = _sha256(npz_path)
+    if digest != record["sha256"]:
+        raise CheckpointError(
+            f"load_checkpoint: {npz_path} is corrupt or torn: SHA-256 {digest[:12]}… does not match the recorded "
+            f"{record['sha256'][:12]}… in {json_path.name}"
+        )
+    return record
+
+
+def latest_checkpoint(directory) -> Path | None:
+    """The step_N.json of the newest checkpoint in ``directory`` whose npz verifies, or None."""
+    directory = Path(directory)
+    for step in reversed(checkpoint_steps(directory)):
+        path = directory / f"step_{step}.json"
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def _check_expect(meta: dict, expect: dict, where: Path) -> None:
+    for key, want in expect.items():
+        got = meta.get(key)
+        if got != want:
+            if isinstance(want, dict) and isinstance(got, dict):
+                diffs = [f"{k}: checkpoint {got.get(k)!r} vs expected {want.get(k)!r}"
+                         for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
+                detail = "; ".join(diffs[:6])
+            else:
+                detail = f"checkpoint {got!r} vs expected {want!r}"
+            raise CheckpointError(f"load_checkpoint: {where.name} was saved with another {key} ({detail})")
+
+
+def load_checkpoint(path_or_dir, expect: dict | None = None, expect_arrays: dict | None = None) -> Checkpoint:
+    """Load and verify a checkpoint (a folder → its newest valid one, or a step_N.json / step_N.npz path).
+
+    Checks, in order, before returning: the record, the SHA-256 of the npz, that the npz opens without pickle and
+    holds exactly the recorded arrays with the recorded shapes and dtypes, that ``meta[key] == value`` for every item
+    of ``expect`` (e.g. the model config and the vocabulary), and that ``expect_arrays`` (name -> shape) match. Any
+    failure raises ``CheckpointError`` and nothing has been touched.
+    """
+    json_path = _resolve(path_or_dir)
+    record = verify_checkpoint(json_path)
+    npz_path = json_path.parent / record["npz"]
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"load_checkpoint: cannot read {npz_path} ({type(e).__name__}: {e})") from e
+    listed = record["arrays"]
+    if set(arrays) != set(listed):
+        missing, extra = sorted(set(listed) - set(arrays)), sorted(set(arrays) - set(listed))
+        raise CheckpointError(f"load_checkpoint: {npz_path.name} arrays differ from the record "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, a in arrays.items():
+        if list(a.shape) != listed[k]["shape"] or a.dtype.str != listed[k]["dtype"]:
+            raise CheckpointError(f"load_checkpoint: array {k!r} is {a.dtype.str} {list(a.shape)}, the record says "
+                                  f"{listed[k]['dtype']} {listed[k]['shape']}")
+    meta = record["meta"]
+    if expect:
+        _check_expect(meta, expect, json_path)
+    if expect_arrays:
+        for k, shape in expect_arrays.items():
+            if k not in arrays:
+                raise CheckpointError(f"load_checkpoint: {json_path.name} has no array {k!r}")
+            if tuple(arrays[k].shape) != tuple(shape):
+                raise CheckpointError(f"load_checkpoint: array {k!r} has shape {tuple(arrays[k].shape)} in "
+                                      f"{json_path.name}, expected {tuple(shape)}")
+    return Checkpoint(step=int(record["step"]), arrays=arrays, meta=meta, path=json_path, info=record)
+
+
+def load_model(path_or_dir, rng=None):
+    """A GLM rebuilt from a training checkpoint: its config from the record's meta, its weights from ``model/*``.
+
+    Used by ``minglm.generate.load_run``. Everything is verified (hash, names, shapes) before the model is built.
+    """
+    from minglm.model import GLM, GLMConfig  # the checkpoint format itself does not depend on the model
+
+    ckpt = load_checkpoint(path_or_dir)
+    if "model_config" not in ckpt.meta:
+        raise CheckpointError(f"load_model: {ckpt.path.name} has no model_config in its meta")
+    model = GLM(GLMConfig.from_dict(ckpt.meta["model_config"]), rng or np.random.default_rng(0))
+    state = {k[len("model/"):]: v for k, v in ckpt.arrays.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"load_model: {ckpt.path.name} does not fit its own config ({e})") from e
+    return model

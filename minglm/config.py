@@ -1,0 +1,196 @@
+"""Training configuration: the ``TrainConfig`` dataclass, its presets, and typed ``key=value`` overrides.
+
+A run is described by two dataclasses, saved together as ``runs/<name>/config.json``::
+
+    {"preset": "tiny", "model": {GLMConfig fields}, "train": {TrainConfig fields}}
+
+``--config`` picks a preset (``tiny``, ``small``, ``base``) or such a JSON file (a run's own config.json works), and
+``--set key=value`` changes one field. The value is parsed by the field's declared type (int, float, bool, str,
+optional), never by ``eval``; an unknown key is an error that lists the valid ones. A bare key is looked up in
+TrainConfig, then in GLMConfig; ``model.key`` / ``train.key`` say which explicitly.
+
+The tiny defaults are tuned for the main job, ``python -m minglm train`` with no arguments: GLM-Base's token-level
+blank infilling on character-level Shakespeare, a few minutes on 2 CPU cores (see the numbers in the README).
+Reference: GLM-REFERENCE.md §5 for the optimiser settings.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # data
+    corpus: str = "shakespeare"  # a corpus name (shakespeare, tang) or a path to .txt files
+    objective: str = "glm-base"  # glm-base | glm-10b | glm-doc | glm-130b | bert | gpt | prefix | t5
+    mask_ratio: float = 0.5  # share of each window blanked by glm-* and bert. GLM uses 0.15 (the small/base
+    # presets keep it); more Part-B targets per step learned much faster in the few CPU minutes of the main job:
+    # val loss after 4000 steps 2.07 at 0.3 and 1.8 at 0.5 (measured; 0.15 was still at 2.3-2.5)
+    val_fraction: float = 0.1  # share of documents held out for validation (split by document, seeded)
+    seq_len: int = 64  # tokens per window before blanking (Part A + Part B is a little longer)
+    batch_size: int = 8  # windows per micro-batch. On 2 cores, progress went with the number of steps much more
+    # than with their size: 8 windows of 64 beat 16 of 128 at equal time by a wide margin
+    grad_accum: int = 1  # micro-batches per optimizer step; each loss is scaled by 1/grad_accum
+    # optimisation (GLM-REFERENCE.md §5: AdamW, betas of GLM-10B, decay 0.1, clip 1.0, warmup then cosine)
+    steps: int = 4000  # optimizer steps; the tiny default fits a few CPU minutes
+    lr: float = 2e-3  # peak; a tiny model takes a larger lr than GLM's 1e-4..2e-4 (5e-3 and 1e-2 were worse)
+    warmup: int = 100  # linear warmup steps (if >= steps, the lr never reaches its peak)
+    min_lr_ratio: float = 0.1  # the cosine ends at 10 % of the peak
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0  # global gradient-norm clip (0 = off)
+    # evaluation, checkpoints, logging
+    eval_every: int = 500  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 8  # fixed validation batches per objective mode
+    ckpt_every: int = 1000  # steps between checkpoints (0 = only at the end)
+    keep: int = 3  # keep the newest K checkpoints
+    seed: int = 0  # one numpy Generator for init, data order, blanks and dropout
+    device: str = "auto"  # auto | cpu | gpu
+    time_limit: float = 0.0  # seconds of training after which the run stops early and saves (0 = no limit;
+    # the tiny preset sets 240 so that the main job stays within 5 minutes on a slow or busy machine)
+    # loss-spike guard: roll back to the last checkpoint when the loss is not finite or jumps above the median
+    spike_factor: float = 3.0  # a loss above factor × median of the recent window is a spike (0 = only NaN/inf)
+    spike_window: int = 50  # how many recent accepted losses the median is taken over
+    spike_warmup: int = 200  # no ratio test before this step (early losses fall fast)
+    max_rollbacks: int = 5  # give up (raise) after this many rollbacks in one run
+    # the end of the run
+    fill_lines: int = 6  # held-out lines printed with the model's greedy fill beside the truth
+    plots: bool = True  # draw runs/<name>/plots/*.png with viz at the end (when viz is importable)
+
+    def __post_init__(self):
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep", "spike_window")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "spike_warmup", "max_rollbacks", "fill_lines", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        for name in ("weight_decay", "clip", "time_limit", "spike_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"TrainConfig.mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
+        for name in ("beta1", "beta2", "val_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not self.eps > 0:
+            raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"TrainConfig.device must be auto, cpu or gpu, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Training presets that go with GLMConfig.PRESETS. tiny: the CPU main job; small: PERFORMANCE.md's benchmark
+# config (about 0.4 s a step on 2 cores, so runs are longer); base: a GPU.
+TRAIN_PRESETS = {
+    "tiny": dict(time_limit=240.0),
+    "small": dict(seq_len=256, batch_size=8, steps=2000, lr=1e-3, warmup=100, eval_every=200, ckpt_every=500,
+                  mask_ratio=0.15),
+    "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
+                 mask_ratio=0.15, device="gpu"),
+}
+
+
+# --- typed key=value overrides ---------------------------------------------------------------------------------
+
+
+def field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def parse_value(text: str, typ, where: str):
+    """Parse ``text`` as ``typ`` (int, float, bool, str, or X | None); a ValueError names ``where`` on failure."""
+    args = typing.get_args(typ)
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        if text.strip().lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(text, inner[0], where)
+    s = text.strip()
+    try:
+        if typ is bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(s)
+        if typ is float:
+            return float(s)
+        if typ is str:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{where}: cannot set a field of type {typ}")
+    raise ValueError(f"{where}: {text!r} is not a valid {getattr(typ, '__name__', typ)}")
+
+
+def apply_overrides(model_cfg: dict, train_cfg: dict, pairs: list[str], model_fields: dict[str, object]) -> None:
+    """Apply ``key=value`` strings in place to the two config dicts (model fields' types given by the caller)."""
+    train_fields = field_types(TrainConfig)
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set: expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        section = None
+        if key.startswith(("model.", "train.")):
+            section, key = key.split(".", 1)
+        if section in (None, "train") and key in train_fields:
+            train_cfg[key] = parse_value(value, train_fields[key], f"--set train.{key}")
+        elif section in (None, "model") and key in model_fields:
+            model_cfg[key] = parse_value(value, model_fields[key], f"--set model.{key}")
+        else:
+            known = sorted(train_fields) + sorted(f"model.{k}" for k in model_fields)
+            raise ValueError(f"--set: unknown config field {key!r}; known fields: {', '.join(known)}")
+
+
+def load_config_source(source: str, model_presets: dict) -> tuple[str | None, dict, dict]:
+    """(preset name or None, model dict, train dict) from a preset name or a JSON file."""
+    if source in model_presets:
+        return source, dict(model_presets[source]), dict(TRAIN_PRESETS.get(source, {}))
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--config: {source!r} is neither a preset ({', '.join(model_presets)}) nor a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config: cannot read {source} as JSON ({e})") from e
+    if not isinstance(data, dict) or not set(data) <= {"preset", "model", "train"}:
+        raise ValueError(f"--config: {source} must be a JSON object with keys 'preset', 'model', 'train'")
+    preset = data.get("preset")
+    model, train = {}, {}
+    if preset is not None:
+        if preset not in model_presets:
+            raise ValueError(f"--config: {source} names an unknown preset {preset!r}")
+        model, train = dict(model_presets[preset]), dict(TRAIN_PRESETS.get(preset, {}))
+    model.update(data.get("model") or {})
+    train.update(data.get("train") or {})
+    return preset, model, train
+
+
+def make_train_config(values: dict) -> TrainConfig:
+    """A TrainConfig from a dict; unknown keys are an error naming them."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"TrainConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+    return TrainConfig(**values)
