@@ -1,0 +1,196 @@
+"""Benchmark: decoding speed with a K/V cache against recomputing the whole sequence for every new token.
+
+Setup (PERFORMANCE.md, "Attention and decoding"): the small config (4 layers, d 256, 8 heads) with random weights,
+a 256-token context encoded once, then 200 greedy tokens generated for one blank. Three ways are timed:
+
+- ``fast cache``: ``generate.FastDecoder``, plain array code on the weights with a preallocated cache;
+- ``model cache``: ``generate.CachedDecoder``, ``GLM.forward(..., cache=KVCache)`` under ``no_grad`` (Tensor ops);
+- ``recompute``: a full forward over context + everything generated so far for each new token, no cache (O(T²)).
+
+All three must produce the same tokens; the table says so. The per-token path of the fast decoder is profiled
+by category with ``--profile``. Target: >= 1,000 tokens/s with the cache on 2 cores.
+
+One decoding step is a chain of tiny matrix-vector products, so BLAS threads help little, and on a busy machine two
+spinning OpenBLAS threads can make every product many times slower: compare ``OPENBLAS_NUM_THREADS=1`` (set it before
+Python starts; the header line prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from minglm.generate import CachedDecoder, FastDecoder, recompute_logits
+from minglm.tensor import no_grad
+
+
+def _decode(dec, context: np.ndarray, n_new: int, sop: int, mask_pos: int) -> tuple[list[int], float, float]:
+    """Greedy tokens, prefill seconds, decode seconds (argmax included: it is part of every real step)."""
+    t0 = time.perf_counter()
+    dec.prefill(context)
+    t1 = time.perf_counter()
+    out, token = [], sop
+    for c in range(n_new):
+        logits = dec.step(token, mask_pos, c + 1)
+        token = int(np.argmax(logits))
+        out.append(token)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def _recompute(model, context: np.ndarray, n_new: int, sop: int, mask_pos: int) -> tuple[list[int], float]:
+    n = len(context)
+    tokens = list(context) + [sop]
+    pos = list(range(n)) + [mask_pos]
+    block = [0] * n + [1]
+    out = []
+    t0 = time.perf_counter()
+    for c in range(n_new):
+        logits = recompute_logits(model, tokens, pos, block, n)[-1]
+        token = int(np.argmax(logits))
+        out.append(token)
+        tokens.append(token)
+        pos.append(mask_pos)
+        block.append(c + 2)
+    return out, time.perf_counter() - t0
+
+
+def _profile(dec: FastDecoder, context: np.ndarray, n_new: int, sop: int, mask_pos: int) -> list[tuple[str, float]]:
+    """Time the parts of one decoding step separately (us per token): embeddings, LayerNorm, GEMMs, attention,
+    GeLU, head, and whatever is left (Python). It repeats ``FastDecoder._run`` for T = 1 with clocks in between."""
+    dec.length = 0
+    dec.prefill(context)
+    xp = dec.xp
+    cats = dict.fromkeys(("embedding", "layernorm", "gemm", "attention", "gelu", "head"), 0.0)
+    clock = time.perf_counter
+    t_all = clock()
+    token = sop
+    for c in range(n_new):
+        t = clock()
+        x = dec.wte[[token]] + dec.wpe[[mask_pos]] + dec.wbe[[c + 1]]
+        cats["embedding"] += clock() - t
+        L0 = dec.length
+        end = L0 + 1
+        for li, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wdn, bdn) in enumerate(dec.layers):
+            t = clock()
+            h = dec._ln(x, w1, b1)
+            t2 = clock()
+            qkv = h @ wqkv.T
+            qkv += bqkv
+            t3 = clock()
+            qkv = qkv.reshape(1, 3, dec.nh, dec.hs)
+            dec.k[li, :, L0:end] = qkv[:, 1].transpose(1, 0, 2)
+            dec.v[li, :, L0:end] = qkv[:, 2].transpose(1, 0, 2)
+            q = qkv[:, 0].transpose(1, 0, 2) * dec.scale
+            s = q @ dec.k[li, :, :end].transpose(0, 2, 1)
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
+            s *= 1.0 / s.sum(axis=-1, keepdims=True)
+            y = (s @ dec.v[li, :, :end]).transpose(1, 0, 2).reshape(1, dec.C)
+            t4 = clock()
+            a = y @ wo.T
+            a += bo
+            x += a
+            t5 = clock()
+            h = dec._ln(x, w2, b2)
+            t6 = clock()
+            u = h @ wup.T
+            u += bup
+            t7 = clock()
+            g = xp.tanh((u + 0.044715 * (u * u * u)) * 0.7978845608028654)
+            g += 1.0
+            g *= u
+            g *= 0.5
+            t8 = clock()
+            d = g @ wdn.T
+            d += bdn
+            x += d
+            t9 = clock()
+            cats["layernorm"] += (t2 - t) + (t6 - t5)
+            cats["gemm"] += (t3 - t2) + (t5 - t4) + (t7 - t6) + (t9 - t8)
+            cats["attention"] += t4 - t3
+            cats["gelu"] += t8 - t7
+        dec.length = end
+        t = clock()
+        logits = dec._ln(x, *dec.lnf) @ dec.wte.T
+        token = int(np.argmax(logits))
+        cats["head"] += clock() - t
+    total = clock() - t_all
+    rows = [(k, v) for k, v in cats.items()]
+    rows.append(("python / other", total - sum(cats.values())))
+    rows.append(("total", total))
+    return [(k, 1e6 * v / n_new) for k, v in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minglm bench generate",
+                                 description="Cached vs recomputed decoding speed (small config, random weights).")
+    ap.add_argument("--context", type=int, default=256, help="context length in tokens")
+    ap.add_argument("--new", type=int, default=200, help="tokens to generate")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128)
+    ap.add_argument("--recompute-new", type=int, default=None,
+                    help="tokens for the (slow) recompute run; default: the same as --new")
+    ap.add_argument("--repeat", type=int, default=3, help="take the best of this many cached runs")
+    ap.add_argument("--profile", action="store_true", help="time the fast decoder's step by category")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from minglm.model import GLM, GLMConfig
+
+    n_ctx, n_new = args.context, args.new
+    max_len = max(n_ctx, n_new + 1)
+    config = GLMConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                       max_len=max_len)
+    rng = np.random.default_rng(args.seed)
+    model = GLM(config, rng)
+    model.eval()
+    context = rng.integers(8, args.vocab, size=n_ctx).astype(np.int64)
+    context[0], context[n_ctx // 2] = 1, 2  # [CLS] ... [MASK] ...
+    mask_pos, sop = n_ctx // 2, 5
+    capacity = n_ctx + n_new + 1
+
+    results = {}
+    for name, make in (("fast cache", lambda: FastDecoder(model, capacity)),
+                       ("model cache", lambda: CachedDecoder(model, capacity))):
+        best = None
+        for _ in range(args.repeat):
+            out, t_pre, t_dec = _decode(make(), context, n_new, sop, mask_pos)
+            if best is None or t_dec < best[2]:
+                best = (out, t_pre, t_dec)
+        results[name] = best
+    n_rec = args.recompute_new or n_new
+    with no_grad():
+        out_rec, t_rec = _recompute(model, context, n_rec, sop, mask_pos)
+    results["recompute"] = (out_rec, float("nan"), t_rec)
+
+    ref = results["fast cache"][0]
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    print(f"decoding {n_new} tokens after a {n_ctx}-token context: {args.layers} layers, d {args.d_model}, "
+          f"{args.heads} heads, vocab {args.vocab}, random weights, greedy; BLAS threads: {threads}")
+    print()
+    print("| method | prefill ms | decode ms | tokens/s | ms/token | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, (out, t_pre, t_dec) in results.items():
+        n = len(out)
+        same = "yes" if out == ref[:n] else "NO"
+        pre = "-" if np.isnan(t_pre) else f"{1000 * t_pre:.1f}"
+        print(f"| {name} | {pre} | {1000 * t_dec:.1f} | {n / t_dec:,.0f} | {1000 * t_dec / n:.3f} | {same} |")
+    speedup = (results["recompute"][2] / n_rec) / (results["fast cache"][2] / n_new)
+    print(f"\ncache speed-up over recompute: {speedup:.0f}x per token")
+
+    if args.profile:
+        print("\nfast decoder, one step by category (us per token):")
+        print("| part | us/token |")
+        print("|---|---|")
+        for name, us in _profile(FastDecoder(model, capacity), context, n_new, sop, mask_pos):
+            print(f"| {name} | {us:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
