@@ -5,6 +5,7 @@ Each command lives with the code it drives, and this file only dispatches to tha
     train      minglm.train          train a GLM (the main job; no arguments = Shakespeare on the CPU)
     fill       minglm.generate       fill [MASK] / [sMASK] / [gMASK] blanks with a trained run
     finetune   minglm.finetune       cloze fine-tuning (genre of a Shakespeare passage), full and LoRA
+    sample     minglm.data.show      print one sample of a corpus: Part A, Part B, positions, mask
     plot       viz.cli               pictures: mask, positions, spans, loss, attention
     export     minglm.interop        a run's weights as .npz under the official GLM (or SAT) names
     bench      minglm.bench.<topic>  ops | data | train | generate | attention
@@ -21,6 +22,7 @@ COMMANDS = {
     "train": ("minglm.train", "train a GLM (no arguments: the default config on Shakespeare, CPU)"),
     "fill": ("minglm.generate", "fill the blanks of a text with a trained run"),
     "finetune": ("minglm.finetune", "cloze fine-tuning on the Shakespeare genre task (full and LoRA)"),
+    "sample": ("minglm.data.show", "print one blank-infilling sample of a corpus: Part A, Part B, positions, mask"),
     "plot": ("viz.cli", "draw masks, positions, span lengths, loss curves, attention weights"),
     "export": ("minglm.interop", "write a run's weights under the official GLM or SAT parameter names"),
     "bench": ("minglm.bench", "benchmarks: ops | data | train | generate | attention"),
