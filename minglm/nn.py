@@ -62,8 +62,8 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - every layer overrides it
-        raise NotImplementedError
+    def forward(self, *args, **kwargs):  # pragma: no cover - the abstract base; every layer overrides it
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
 
     # --- walking the tree ---------------------------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:

@@ -84,12 +84,12 @@ class Function:
         return result
 
     @staticmethod
-    def forward(ctx, *args, **kwargs):  # pragma: no cover - every op overrides it
-        raise NotImplementedError
+    def forward(ctx, *args, **kwargs):  # pragma: no cover - the abstract base; every op overrides it
+        raise NotImplementedError("a Function subclass must define forward(ctx, *args)")
 
     @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - every op overrides it
-        raise NotImplementedError
+    def backward(ctx, grad):  # pragma: no cover - the abstract base; every op overrides it
+        raise NotImplementedError("a Function subclass must define backward(ctx, grad)")
 
     def free(self) -> None:
         """Drop the arrays saved for backward; the node stays in the graph, marked freed."""

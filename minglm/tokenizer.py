@@ -32,6 +32,14 @@ _TYPED_SPECIALS = {"[MASK]": MASK_ID, "[sMASK]": SMASK_ID, "[gMASK]": GMASK_ID}
 _TYPED_RE = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
 
 
+
+def _checked_ids(ids, vocab_size: int, where: str, skip_special: bool) -> np.ndarray:
+    """Ids as a flat int64 array, checked against the vocabulary (and without specials when asked): decode's input."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{where}: ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids[ids >= N_SPECIAL] if skip_special else ids
+
 class _SpecialIds:
     """The shared special-token attributes (both tokenizers inherit them)."""
 
@@ -137,12 +145,7 @@ class CharTokenizer(_SpecialIds):
 
     def decode(self, ids, skip_special: bool = False) -> str:
         """Ids back to text. Specials print as their names ([MASK], <sop>, ...) unless `skip_special`."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"CharTokenizer.decode: ids must be in [0, {self.vocab_size}), "
-                             f"got {ids.min()}..{ids.max()}")
-        if skip_special:
-            ids = ids[ids >= N_SPECIAL]
+        ids = _checked_ids(ids, self.vocab_size, "CharTokenizer.decode", skip_special)
         return "".join(self._id_to_str[ids].tolist())
 
     # -- persistence ----------------------------------------------------------------------------------------------
@@ -323,12 +326,7 @@ class BPETokenizer(_SpecialIds):
         return 0
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"BPETokenizer.decode: ids must be in [0, {self.vocab_size}), "
-                             f"got {ids.min()}..{ids.max()}")
-        if skip_special:
-            ids = ids[ids >= N_SPECIAL]
+        ids = _checked_ids(ids, self.vocab_size, "BPETokenizer.decode", skip_special)
         return b"".join(self.token_bytes[i] for i in ids.tolist()).decode("utf-8", errors="replace")
 
     @property
