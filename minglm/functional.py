@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from minglm import parallel
 from minglm.backend import get_xp, is_cupy, scatter_add_rows, to_device
 from minglm.tensor import Function, Tensor
 
@@ -71,34 +72,51 @@ def _erf(x):
 class GeLUTanh(Function):
     """GLM's GeLU (§4): 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³), c = √(2/π).
 
-    d/dx = 0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
+    d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
+    Both directions work on the flat array in cache-sized pieces, spread over the CPU cores (``minglm.parallel``).
     """
 
     @staticmethod
     def forward(ctx, x):
         xp = get_xp(x)
-        x2 = x * x
-        u = x2 * 0.044715  # u = c·(x + 0.044715·x³), built in one buffer
-        u *= x
-        u += x
-        u *= _GELU_C
-        t = xp.tanh(u, out=u)
-        ctx.x, ctx.x2, ctx.t = x, x2, t
-        out = t + 1.0
-        out *= x
-        out *= 0.5
-        return out
+        xf = x.reshape(-1)  # flat: a view of a contiguous x
+        x2, t, out = xp.empty_like(xf), xp.empty_like(xf), xp.empty_like(xf)
+
+        def piece(r):
+            xr, tr, outr = xf[r], t[r], out[r]
+            xp.multiply(xr, xr, out=x2[r])
+            xp.multiply(x2[r], 0.044715, out=tr)  # u = c·(x + 0.044715·x³), built in t's buffer
+            tr *= xr
+            tr += xr
+            tr *= _GELU_C
+            xp.tanh(tr, out=tr)
+            xp.add(tr, 1.0, out=outr)
+            outr *= xr
+            outr *= 0.5
+
+        parallel.parallel_for(piece, parallel.pieces(xf.size, on_gpu=is_cupy(x)))
+        ctx.x, ctx.x2, ctx.t = xf, x2, t
+        return out.reshape(x.shape)
+
     @staticmethod
     def backward(ctx, grad):
+        xp = get_xp(grad)
         x, x2, t = ctx.x, ctx.x2, ctx.t
-        d = x2 * (3 * 0.044715)  # d = 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²) + 0.5·(1 + t)
-        d += 1.0
-        d *= x
-        d *= 0.5 * _GELU_C
-        d *= 1.0 - t * t
-        d += 0.5 * (1.0 + t)
-        d *= grad
-        return (d,)
+        gf = grad.reshape(-1)
+        d = xp.empty_like(x)
+
+        def piece(r):
+            dr, tr = d[r], t[r]
+            xp.multiply(x2[r], 3 * 0.044715, out=dr)  # d = 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²) + 0.5·(1 + t)
+            dr += 1.0
+            dr *= x[r]
+            dr *= 0.5 * _GELU_C
+            dr *= 1.0 - tr * tr
+            dr += 0.5 * (1.0 + tr)
+            dr *= gf[r]
+
+        parallel.parallel_for(piece, parallel.pieces(d.size, on_gpu=is_cupy(grad)))
+        return (d.reshape(grad.shape),)
 
 
 class GeLUExact(Function):
@@ -276,7 +294,7 @@ class LayerNorm(Function):
     With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward is
         dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂)),   dw = Σ dy ⊙ x̂,   db = Σ dy,
     the means over C and the sums over every leading dim. (Derive it by writing dx̂/dx and noting that mean(x̂) = 0
-    and mean(x̂²) = 1.)
+    and mean(x̂²) = 1.) Rows are independent, so both directions run over pieces of rows spread over the CPU cores.
     """
 
     @staticmethod
@@ -289,30 +307,45 @@ class LayerNorm(Function):
                 f"layer_norm: input of shape {x.shape} needs weight and bias of shape ({C},), "
                 f"got {weight.shape} and {bshape}"
             )
-        xc = x - x.mean(axis=-1, keepdims=True)
-        var = xp.einsum("...c,...c->...", xc, xc)[..., None] * (1.0 / C)
-        rstd = 1.0 / xp.sqrt(var + eps)
-        xhat = xc
-        xhat *= rstd
+        x2 = x.reshape(-1, C)  # (N, C)
+        xhat, out = xp.empty_like(x2), xp.empty_like(x2)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
+
+        def piece(r):
+            xc = xp.subtract(x2[r], x2[r].mean(axis=-1, keepdims=True), out=xhat[r])
+            var = xp.einsum("nc,nc->n", xc, xc)[:, None] * (1.0 / C)
+            xp.divide(1.0, xp.sqrt(var + eps), out=rstd[r])
+            xc *= rstd[r]  # x̂
+            y = xp.multiply(xc, weight, out=out[r])
+            if bias is not None:
+                y += bias
+
+        parallel.parallel_for(piece, parallel.pieces(x2.shape[0], C, on_gpu=is_cupy(x)))
         ctx.xhat, ctx.rstd, ctx.weight = xhat, rstd, weight
-        out = xhat * weight
-        if bias is not None:
-            out += bias
-        return out
+        return out.reshape(x.shape)
+
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
         xhat, rstd, w = ctx.xhat, ctx.rstd, ctx.weight
-        C = xhat.shape[-1]
-        g = grad * w
-        mean_gx = xp.einsum("...c,...c->...", g, xhat)[..., None] * (1.0 / C)
-        dx = g - g.mean(axis=-1, keepdims=True)
-        dx -= xhat * mean_gx
-        dx *= rstd
-        g2, x2 = grad.reshape(-1, C), xhat.reshape(-1, C)
-        dw = xp.einsum("nc,nc->c", g2, x2)
-        db = g2.sum(axis=0)
-        return dx, dw, db
+        N, C = xhat.shape
+        g2 = grad.reshape(-1, C)
+        dx = xp.empty_like(xhat)
+        rows = parallel.pieces(N, C, on_gpu=is_cupy(grad))
+        dw, db = xp.empty((len(rows), C), dtype=w.dtype), xp.empty((len(rows), C), dtype=w.dtype)
+
+        def piece(i):
+            r = rows[i]
+            g = xp.multiply(g2[r], w, out=dx[r])
+            mean_gx = xp.einsum("nc,nc->n", g, xhat[r])[:, None] * (1.0 / C)
+            g -= g.mean(axis=-1, keepdims=True)
+            g -= xhat[r] * mean_gx
+            g *= rstd[r]
+            dw[i] = xp.einsum("nc,nc->c", g2[r], xhat[r])  # this piece's share of the sums over rows
+            db[i] = g2[r].sum(axis=0)
+
+        parallel.parallel_for(piece, list(range(len(rows))))
+        return dx.reshape(grad.shape), dw.sum(axis=0), db.sum(axis=0)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -514,40 +547,87 @@ def glm_mask(xp, sep, Tq: int, Tk: int):
     return (k < sep) | (k <= q)
 
 
+def _attention_chunks(q, Tk: int) -> list:
+    """The pieces the attention passes are split into: one per batch element (and group of heads when T is long,
+    so a piece's (Tq, Tk) scores stay near 1 MiB, in cache), or the whole array when it is small or on CuPy."""
+    B, H, Tq, _ = q.shape
+    if is_cupy(q) or B * H * Tq * Tk < 2 * parallel.PIECE:
+        return [(slice(None), slice(None))]
+    heads = max(1, min(H, 2 * parallel.PIECE // (Tq * Tk)))
+    return [(slice(b, b + 1), slice(h, h + heads)) for b in range(B) for h in range(0, H, heads)]
+
+
+def _piece(a, index):
+    """``a[index]`` for a (B, H, ...) array, or None; a mask broadcast over heads keeps its size-1 axis."""
+    if a is None:
+        return None
+    b, h = index
+    return a[b, h if a.shape[1] != 1 else slice(None)]
+
+
 class Attention(Function):
     """Plain (reference) attention: o = softmax(q kᵀ·scale + mask) v, as one op with its own backward.
 
     With s = q kᵀ·scale, p = softmax(s) (masked keys get probability exactly 0) and P the dropped-out p:
         dv = Pᵀ do,  dP = do vᵀ,  dp = dP ⊙ keep,  ds = p ⊙ (dp − Σ_j dp_j p_j),  dq = ds k·scale,  dk = dsᵀ q·scale.
     This path stores the (B, H, Tq, Tk) probabilities; the fused kernel (minglm/kernels) never does.
+
+    On NumPy with more than one core the same passes run per batch element, the pieces spread over the cores by
+    ``minglm.parallel`` (each piece's scores stay in cache between passes). Nothing in the arithmetic changes.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, allowed, scale, keep=None):
         xp = get_xp(q)
-        s = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
-        s *= scale
-        if allowed is not None:
-            xp.copyto(s, np.finfo(q.dtype).min, where=~allowed)  # in place: exp() of it is exactly 0
-        s -= s.max(axis=-1, keepdims=True)  # softmax in place, in s's own buffer
-        xp.exp(s, out=s)
-        s *= 1.0 / s.sum(axis=-1, keepdims=True)
-        p = s
-        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale, ctx.keep = q, k, v, p, scale, keep
-        return (p * keep if keep is not None else p) @ v  # (B, H, Tq, D)
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        if allowed is not None:  # as (B, 1 or H, Tq, Tk), so a piece of it is indexed like a piece of the scores
+            per_head = allowed.ndim >= 3 and allowed.shape[-3] != 1
+            allowed = xp.broadcast_to(allowed, (B, H if per_head else 1, Tq, Tk))
+        p = xp.empty((B, H, Tq, Tk), dtype=q.dtype)
+        if is_cupy(q):
+            o = xp.empty((B, H, Tq, D), dtype=q.dtype)
+        else:  # (B, H, Tq, D) with the heads side by side in memory: the caller's permute back to (B, Tq, H·D) is
+            o = xp.empty((B, Tq, H, D), dtype=q.dtype).transpose(0, 2, 1, 3)  # a view, not a copy
+        qs = q * scale  # scale the (T, D) queries, not the (T, T) scores
+
+        def piece(index):
+            s = _piece(p, index)
+            xp.matmul(_piece(qs, index), xp.swapaxes(_piece(k, index), -1, -2), out=s)  # (b, h, Tq, Tk)
+            if allowed is not None:
+                xp.copyto(s, np.finfo(q.dtype).min, where=~_piece(allowed, index))  # exp() of it is exactly 0
+            s -= s.max(axis=-1, keepdims=True)  # softmax in place, in s's own buffer
+            xp.exp(s, out=s)
+            s *= 1.0 / s.sum(axis=-1, keepdims=True)
+            if keep is not None:
+                s = s * _piece(keep, index)
+            xp.matmul(s, _piece(v, index), out=_piece(o, index))  # (b, h, Tq, D)
+
+        parallel.parallel_for(piece, _attention_chunks(q, Tk))
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale, ctx.keep = qs, k, v, p, scale, keep
+        return o
+
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        q, k, v, p, keep = ctx.q, ctx.k, ctx.v, ctx.p, ctx.keep
-        pd = p * keep if keep is not None else p
-        dv = xp.swapaxes(pd, -1, -2) @ grad
-        ds = grad @ xp.swapaxes(v, -1, -2)  # dP, then turned into dS in place
-        if keep is not None:
-            ds *= keep
-        ds -= xp.einsum("...ij,...ij->...i", ds, p)[..., None]
-        ds *= p
-        ds *= ctx.scale
-        return ds @ k, xp.swapaxes(ds, -1, -2) @ q, dv, None, None, None
+        qs, k, v, p, keep, scale = ctx.q, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale
+        dq, dk, dv = (xp.empty(a.shape, a.dtype) for a in (qs, k, v))
+
+        def piece(index):
+            pi, g = _piece(p, index), _piece(grad, index)
+            pd = pi * _piece(keep, index) if keep is not None else pi
+            xp.matmul(xp.swapaxes(pd, -1, -2), g, out=_piece(dv, index))
+            ds = g @ xp.swapaxes(_piece(v, index), -1, -2)  # dP, then turned into dS in place
+            if keep is not None:
+                ds *= _piece(keep, index)
+            ds -= xp.einsum("...ij,...ij->...i", ds, pi)[..., None]
+            ds *= pi
+            xp.matmul(ds, _piece(k, index), out=_piece(dq, index))
+            xp.matmul(xp.swapaxes(ds, -1, -2), _piece(qs, index), out=_piece(dk, index))  # q already holds the scale
+
+        parallel.parallel_for(piece, _attention_chunks(qs, k.shape[2]))
+        dq *= scale
+        return dq, dk, dv, None, None, None
 
 
 class FlashAttention(Function):

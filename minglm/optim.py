@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 
+from minglm import parallel
 from minglm.backend import get_xp, to_device, to_numpy
 from minglm.tensor import Tensor
 
@@ -223,29 +224,37 @@ class AdamW:
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
         self.t += 1
-        g, m, v, tmp, tmp2 = self.flat_grad, self.m, self.v, self._tmp, self._tmp2
+        g, m, v, tmp, tmp2, flat = self.flat_grad, self.m, self.v, self._tmp, self._tmp2, self.flat
         xp = self.xp
-        # decoupled weight decay on the decayed prefix (before the Adam step, as PyTorch does)
-        if self.weight_decay and self.n_decay:
-            self.flat[: self.n_decay] *= np.float32(1.0 - lr * self.weight_decay)
-        # m = b1 m + (1 - b1) g
-        m *= np.float32(b1)
-        xp.multiply(g, np.float32(1.0 - b1), out=tmp)
-        m += tmp
-        # v = b2 v + (1 - b2) g^2
-        v *= np.float32(b2)
-        xp.multiply(g, g, out=tmp)
-        tmp *= np.float32(1.0 - b2)
-        v += tmp
-        # denom = sqrt(v) / sqrt(1 - b2^t) + eps ; p -= lr / (1 - b1^t) * m / denom
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
-        xp.sqrt(v, out=tmp)
-        tmp *= np.float32(1.0 / math.sqrt(bc2))
-        tmp += np.float32(self.eps)
-        xp.divide(m, tmp, out=tmp2)
-        tmp2 *= np.float32(lr / bc1)
-        self.flat -= tmp2
+        decay = np.float32(1.0 - lr * self.weight_decay)
+        n_decay = self.n_decay if self.weight_decay else 0
+
+        def piece(r):  # every pass below is elementwise, so the flat buffer is updated piece by piece
+            p, gr, mr, vr, t1, t2 = flat[r], g[r], m[r], v[r], tmp[r], tmp2[r]  # views of this piece
+            start, stop, _ = r.indices(flat.size)
+            if start < n_decay:  # decoupled weight decay on the decayed prefix, before the Adam step (as PyTorch)
+                decayed = p[: min(stop, n_decay) - start]
+                decayed *= decay
+            # m = b1 m + (1 - b1) g
+            mr *= np.float32(b1)
+            xp.multiply(gr, np.float32(1.0 - b1), out=t1)
+            mr += t1
+            # v = b2 v + (1 - b2) g^2
+            vr *= np.float32(b2)
+            xp.multiply(gr, gr, out=t1)
+            t1 *= np.float32(1.0 - b2)
+            vr += t1
+            # denom = sqrt(v) / sqrt(1 - b2^t) + eps ; p -= lr / (1 - b1^t) * m / denom
+            xp.sqrt(vr, out=t1)
+            t1 *= np.float32(1.0 / math.sqrt(bc2))
+            t1 += np.float32(self.eps)
+            xp.divide(mr, t1, out=t2)
+            t2 *= np.float32(lr / bc1)
+            p -= t2
+
+        parallel.parallel_for(piece, parallel.pieces(flat.size, on_gpu=xp is not np))
         self._gathered = False
 
     # --- exact save / restore ---------------------------------------------------------------------------------

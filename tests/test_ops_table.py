@@ -391,6 +391,39 @@ def test_backward_gradcheck(name, xp):
             assert x.grad.shape == x.shape and x.grad.dtype == np.float64, f"{name}: grad {x.grad.shape}/{x.grad.dtype}"
 
 
+# --- the same rows cut into pieces and run on 2 threads (minglm/parallel.py) ----------------------------------------
+PIECED = ("GeLUTanh", "LayerNorm", "Attention")  # the Functions that split their passes with parallel.pieces
+
+
+@pytest.fixture
+def tiny_pieces(monkeypatch):
+    """Pieces of 4 elements, so the table's small inputs are cut into many, spread over 2 threads."""
+    from minglm import parallel
+
+    before = parallel.num_threads()
+    monkeypatch.setattr(parallel, "PIECE", 4)
+    parallel.set_num_threads(2)
+    yield
+    parallel.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", [name for name, row in ROWS.items() if row.fn in PIECED])
+def test_pieces_give_the_same_numbers(name, tiny_pieces):
+    """Forward equal to the one-piece run (bit for bit where no sum crosses pieces), and a passing gradcheck."""
+    from minglm import parallel
+
+    row = ROWS[name]
+    np_inputs, mg_inputs = _build(row, np)
+    pieced = [to_numpy(o.data) for o in _as_list(row.op(*mg_inputs))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parallel, "PIECE", 1 << 30)  # one piece
+        whole = [to_numpy(o.data) for o in _as_list(row.op(*mg_inputs))]
+    for a, b, ref in zip(pieced, whole, _as_list(row.ref(*np_inputs))):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}: pieces changed the forward")
+        np.testing.assert_allclose(a, ref, rtol=row.fwd_rtol, atol=row.fwd_atol, err_msg=name)
+    assert gradcheck(row.op, *mg_inputs, eps=row.eps, atol=row.atol, rtol=row.rtol, name=f"{name} (pieces)")
+
+
 # --- coverage: no Function without a row --------------------------------------------------------------------------
 def _all_function_classes() -> set[type]:
     """Every subclass of Function defined inside the minglm package, found recursively."""

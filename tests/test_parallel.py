@@ -1,0 +1,170 @@
+"""minglm/parallel.py: the thread pool that spreads the non-GEMM passes over the CPU cores.
+
+What must hold: every item runs exactly once, really on two threads at a time, errors come back to the caller, a
+nested call does not deadlock, BLAS gets its threads back, and the numbers do not depend on the thread count (the
+pieces depend only on sizes). The ops that use it are checked piece by piece in tests/test_ops_table.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import minglm.functional as F
+from minglm import parallel
+from minglm.model import GLM, GLMConfig
+from minglm.optim import AdamW
+from minglm.tensor import Tensor
+
+
+@pytest.fixture
+def two_threads():
+    before = parallel.num_threads()
+    parallel.set_num_threads(2)
+    yield
+    parallel.set_num_threads(before)
+
+
+def test_every_item_once_and_two_at_a_time(two_threads):
+    barrier = threading.Barrier(2, timeout=10)  # breaks (an error) unless two items really run at once
+    seen, lock = [], threading.Lock()
+
+    def work(i):
+        if i in (0, 5):  # the first item of each thread's run meets the other thread here
+            barrier.wait()
+        with lock:
+            seen.append((i, threading.get_ident()))
+
+    parallel.parallel_for(work, list(range(10)))
+    assert sorted(i for i, _ in seen) == list(range(10))
+    assert len({t for _, t in seen}) == 2
+
+
+def test_an_error_in_another_thread_is_raised(two_threads):
+    def work(i):
+        if i == 7:
+            raise ValueError("item 7 failed")
+
+    with pytest.raises(ValueError, match="item 7 failed"):
+        parallel.parallel_for(work, list(range(8)))
+    out = np.zeros(4)
+    parallel.parallel_for(lambda i: out.__setitem__(i, 1.0), [0, 1, 2, 3])  # the pool still works afterwards
+    assert out.tolist() == [1.0] * 4
+
+
+def test_nested_call_runs_inline(two_threads):
+    out = np.zeros((4, 4))
+
+    def inner(i, j):
+        out[i, j] = i * 4 + j
+
+    parallel.parallel_for(lambda i: parallel.parallel_for(lambda j: inner(i, j), list(range(4))), list(range(4)))
+    assert out.ravel().tolist() == list(range(16))
+
+
+def test_blas_threads_are_restored(two_threads):
+    blas = parallel._state["blas"]
+    if blas is None:
+        pytest.skip("threadpoolctl found no BLAS it can control")
+    before = [c.num_threads for c in blas.lib_controllers]
+    inside = []
+    parallel.parallel_for(lambda i: inside.append([c.num_threads for c in blas.lib_controllers]), [0, 1])
+    assert all(n == 1 for row in inside for n in row), "BLAS was not held at one thread inside the region"
+    assert [c.num_threads for c in blas.lib_controllers] == before
+
+
+def test_bad_thread_counts(monkeypatch):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            parallel.set_num_threads(bad)
+    monkeypatch.setattr(parallel, "_state", {})
+    monkeypatch.setenv("MINGLM_THREADS", "two")
+    with pytest.raises(ValueError, match="MINGLM_THREADS"):
+        parallel.num_threads()
+    monkeypatch.setattr(parallel, "_state", {})
+    monkeypatch.setenv("MINGLM_THREADS", "3")
+    assert parallel.num_threads() == 3
+
+
+def test_pieces_cover_the_axis_once(monkeypatch):
+    monkeypatch.setattr(parallel, "PIECE", 10)
+    assert parallel.pieces(15) == [slice(None)]  # under two pieces' worth: one piece
+    assert parallel.pieces(100, on_gpu=True) == [slice(None)]
+    for n, row in ((20, 1), (101, 1), (37, 3), (9, 50)):
+        covered = np.zeros(n, dtype=int)
+        for r in parallel.pieces(n, row):
+            covered[r] += 1
+        assert covered.tolist() == [1] * n, (n, row)
+
+
+def _step(model, opt, rng):
+    B, T = 2, 16
+    tokens = rng.integers(0, model.config.vocab_size, (B, T))
+    pos = np.tile(np.arange(T), (B, 1))
+    logits = model(tokens, pos, np.zeros((B, T), dtype=np.int64), np.array([5, 9]))
+    loss = F.cross_entropy(logits, rng.integers(0, model.config.vocab_size, (B, T)))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_training_is_the_same_on_any_thread_count(monkeypatch):
+    """Small pieces (so every pieced op splits) give the same losses and weights on 1 and 2 threads, bit for bit."""
+    monkeypatch.setattr(parallel, "PIECE", 64)
+    cfg = GLMConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_len=16, seq_len=16)
+    before = parallel.num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            parallel.set_num_threads(n)
+            model = GLM(cfg, np.random.default_rng(0))
+            opt = AdamW(model, lr=1e-2)
+            rng = np.random.default_rng(1)
+            losses = [_step(model, opt, rng) for _ in range(3)]
+            runs.append((losses, {k: v.copy() for k, v in model.state_dict().items()}))
+    finally:
+        parallel.set_num_threads(before)
+    (l1, w1), (l2, w2) = runs
+    assert l1 == l2
+    for k in w1:
+        np.testing.assert_array_equal(w1[k], w2[k], err_msg=k)
+
+
+def test_adamw_pieces_equal_one_piece(monkeypatch, two_threads):
+    """AdamW's update is elementwise: cutting the flat buffer into pieces changes no bit."""
+    results = []
+    for piece in (1 << 30, 7):
+        monkeypatch.setattr(parallel, "PIECE", piece)
+        rng = np.random.default_rng(0)
+        cfg = GLMConfig(vocab_size=30, n_layer=1, n_head=2, d_model=8, max_len=8, seq_len=8)
+        model = GLM(cfg, rng)
+        opt = AdamW(model, lr=1e-2)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = rng.standard_normal(p.shape).astype(np.float32)
+            opt.step()
+        results.append(opt.flat.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_large_attention_uses_pieces_and_matches(two_threads):
+    """At a size where the real pieces apply (per batch element), the pieced attention equals the one-piece one."""
+    rng = np.random.default_rng(0)
+    q, k, v = (Tensor(rng.standard_normal((2, 2, 256, 16)).astype(np.float32), requires_grad=True) for _ in range(3))
+    assert len(F._attention_chunks(q.data, 256)) > 1
+    sep = np.array([100, 0])
+    out = F.scaled_dot_product_attention(q, k, v, sep, impl="plain")
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    out.backward(g)
+    grads = [t.grad.copy() for t in (q, k, v)]
+    parallel.set_num_threads(1)
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, sep, impl="plain")
+    ref.backward(g)
+    np.testing.assert_array_equal(out.data, ref.data)
+    for a, t in zip(grads, (q, k, v)):
+        np.testing.assert_array_equal(a, t.grad)
