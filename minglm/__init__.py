@@ -4,6 +4,18 @@ The layers, lowest first: backend (the xp seam) → tensor/functions (autograd) 
 → kernels → nn → model → tokenizer/data → optim/train → generate/finetune. A lower layer never imports a higher one.
 """
 
+import os
+import sys
+
+# OpenBLAS's idle threads spin for about 0.1 s (2^28 cycles) after each matrix product before they sleep. minglm
+# runs its non-GEMM passes on the same cores between the products (minglm/parallel.py), and a spinning BLAS thread
+# takes a core from them: a training step on 2 cores was 10-20 % slower. 2^14 cycles (a few microseconds) keeps
+# back-to-back products fast and frees the cores soon after. OpenBLAS reads this once, when NumPy loads it, so it
+# only takes effect when minglm is imported before NumPy (``python -m minglm ...`` always is), and a value the user
+# set is kept.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "14")
+
 from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
 
 __all__ = ["Function", "Tensor", "is_grad_enabled", "no_grad", "tensor"]

@@ -316,7 +316,7 @@ class GetItem(Function):
 
     @staticmethod
     def forward(ctx, a, index):
-        ctx.shape, ctx.dtype, ctx.index = a.shape, a.dtype, index
+        ctx.a, ctx.index = a, index
         try:
             return a[index]
         except IndexError as e:
@@ -325,7 +325,9 @@ class GetItem(Function):
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        out = xp.zeros(ctx.shape, dtype=ctx.dtype)
+        # zeros laid out in memory like the input (order "K"): when the input is a permuted view, as q, k and v of
+        # the attention are, the gradient flows back through the permute and reshape as views, without a copy
+        out = xp.zeros_like(ctx.a, order="K")
         if _is_basic_index(ctx.index):
             out[ctx.index] = grad
         else:
