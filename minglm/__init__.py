@@ -9,12 +9,12 @@ import sys
 
 # OpenBLAS's idle threads spin for about 0.1 s (2^28 cycles) after each matrix product before they sleep. minglm
 # runs its non-GEMM passes on the same cores between the products (minglm/parallel.py), and a spinning BLAS thread
-# takes a core from them: a training step on 2 cores was 10-20 % slower. 2^14 cycles (a few microseconds) keeps
-# back-to-back products fast and frees the cores soon after. OpenBLAS reads this once, when NumPy loads it, so it
-# only takes effect when minglm is imported before NumPy (``python -m minglm ...`` always is), and a value the user
-# set is kept.
+# takes a core from them: the small benchmark step on 2 cores was 10-20 % slower. 2^18 cycles (about 0.1 ms) keeps
+# back-to-back products fast (2^14 made the many small products of the default training run 15 % slower) and frees
+# the cores soon after. OpenBLAS reads this once, when NumPy loads it, so it only takes effect when minglm is imported
+# before NumPy (``python -m minglm ...`` always is), and a value the user set is kept.
 if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "14")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
 
 from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
 
