@@ -226,3 +226,27 @@ def test_strided_views_give_the_same_answer():
     assert not q.flags.c_contiguous and q.strides[-1] != q.itemsize
     sep = np.array([4, 30])
     _compare(q, k, v, do, sep, 16, 8, tol=1e-12)
+
+
+def test_one_piece_per_sample_gives_the_same_numbers(monkeypatch):
+    """On NumPy the twin runs each sample of a batch as its own piece, on 2 threads (minglm.parallel): the numbers
+    equal one batched pass bit for bit, including unsorted sep and lengths."""
+    from minglm import parallel
+
+    rng = np.random.default_rng(5)
+    q, k, v, do = _inputs(rng, 4, 2, 50, 8, np.float64)
+    sep, lengths = np.array([3, 50, 0, 20]), np.array([40, 50, 7, 33])
+    results = []
+    before = parallel.num_threads()
+    try:
+        for piece, threads in ((1 << 30, 1), (1, 2)):  # one batched pass; then one piece per sample on 2 threads
+            monkeypatch.setattr(parallel, "PIECE", piece)
+            parallel.set_num_threads(threads)
+            assert twin._per_sample(q) == (piece == 1)
+            o, lse = twin.flash_attention_forward(q, k, v, sep, block_q=16, block_k=32, lengths=lengths)
+            grads = twin.flash_attention_backward(q, k, v, o, lse, do, sep, block_q=16, block_k=32, lengths=lengths)
+            results.append((o, lse, *grads))
+    finally:
+        parallel.set_num_threads(before)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -14,8 +14,10 @@ Conventions:
   count over the time, comparable across implementations (skipped masked tiles show up as higher TFLOP/s).
 - Times are the minimum over ``--reps`` runs after a warm-up, implementations interleaved rep by rep, so that
   other processes on a shared machine disturb them alike. ``cpu s`` is the process CPU time of the best run.
-- Peak memory is what the call adds on top of its inputs: on the CPU the rise of the process's peak resident set
-  (Linux ``/proc/self/clear_refs``), else tracemalloc (NumPy only); on the GPU the memory pool high-water mark.
+- Peak memory is what the call adds on top of its inputs: for NumPy the peak of the buffers it allocates
+  (tracemalloc, which sees NumPy's allocations in every thread); for torch on the CPU the rise of the process's peak
+  resident set (Linux ``/proc/self/clear_refs``); on the GPU the memory pool high-water mark. (The resident set
+  misleads for NumPy here: ``tune_malloc`` keeps freed blocks in the process, so a call that reuses them shows 0.)
 
 Left out: dropout, float16/bfloat16 timings, and multi-GPU.
 """
@@ -67,6 +69,17 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def numpy_peak_bytes(fn: Callable[[], object]) -> tuple[float, str]:
+    """Run fn once; return (peak bytes of the NumPy buffers it allocated, "tracemalloc")."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return float(tracemalloc.get_traced_memory()[1]), "tracemalloc"
+    finally:
+        tracemalloc.stop()
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[float, str]:
@@ -271,7 +284,8 @@ def run(device: str, B: int, H: int, D: int, seqs: list[int], reps: int, seed: i
             best: dict[str, tuple[float, float]] = {}
             for fns in impls.values():  # warm-up (and compile), then the peak-memory run
                 fns[mode]()
-            mem = {name: peak(fns[mode]) for name, fns in impls.items()}
+            mem = {name: (numpy_peak_bytes if name.startswith("numpy") else peak)(fns[mode])
+                   for name, fns in impls.items()}
             for _ in range(reps):  # interleaved, so that load from elsewhere hits every implementation alike
                 for name, fns in impls.items():
                     wall, cpu = timer(fns[mode])

@@ -2,7 +2,7 @@
 
 - ``flash_attn.cu`` + ``cuda.py``: the CUDA kernel (online softmax, mask from ``sep`` on the fly, no T×T buffer),
   launched through CuPy when the arrays live on a GPU;
-- ``twin.py``: its NumPy twin, the same tile loops and recurrence, batched over samples and heads (CPU path);
+- ``twin.py``: its NumPy twin, the same tile loops and recurrence, batched over heads, one piece per sample (CPU);
 - ``reference.py``: plain dense masked attention, the readable path everything is tested against.
 
 ``flash_attention_forward`` / ``flash_attention_backward`` pick the kernel for CuPy arrays and the twin otherwise.
@@ -20,14 +20,17 @@ from minglm.kernels.cuda import HEAD_DIMS  # cuda.py imports cupy only inside it
 from minglm.kernels.reference import glm_mask, reference_attention
 
 # Forward + backward through F.scaled_dot_product_attention (autograd included), impl="plain" against the twin,
-# B 8, H 8, D 64, sep ~ U[0, T], one BLAS thread, best-of-3-to-5 process CPU seconds:
-#   T      128    256    512    576    640    768    1024   2048
-#   plain  0.022  0.070  0.229  0.303  0.400  0.530  1.56   7.4
-#   twin   0.034  0.089  0.295  0.328  0.370  0.560  0.99   3.8
-# The two break even between 640 and 768; from there the twin wins (1.6× at 1024, 1.9× at 2048) and its memory
-# is O(T) where plain holds (B, H, T, T) matrices (2-3 GB at T 2048). `python -m minglm bench attention` shows the
-# same against minglm.kernels.reference_attention.
-TWIN_MIN_T = 640
+# B 8, H 8, sep ~ U[0, T], 2 threads (both paths spread their pieces over the cores, minglm.parallel), best-of-3 ms:
+#   T            128    256    384    512    640    1024   1536   2048
+#   D 64 plain    11     38     83    115    180     511   1202   2411
+#   D 64 twin     16     50     96    129    223     539   1159   1741
+#   D 32 plain     7     23     86     98    140     355
+#   D 32 twin     12     29     58     89    121     326
+# At D 64 they break even near 1024 and the twin wins from there (1.4× at 2048); at D 32 the twin is 0.7-0.9× of
+# plain from 384 up.
+# Above the threshold memory decides it too: plain saves (B, H, T, T) probabilities per layer (256 MB at T 1024,
+# 1 GB at 2048), the twin O(T). MINGLM_ATTENTION=flash uses the twin at any length when memory is tight.
+TWIN_MIN_T = 1024
 
 __all__ = [
     "TWIN_MIN_T",

@@ -4,7 +4,9 @@ Nothing runs CUDA C on a CPU, so this file is how the kernel's *algorithm* is ta
 query tiles and key tiles as ``flash_attn.cu``, keeps the same running statistics (row max ``m``, row sum ``l``,
 output accumulator ``acc``), skips the same fully masked tiles, and saves the same log-sum-exp for the backward.
 Where the kernel runs one thread block per (sample, head, tile), the twin runs one batched ``np.matmul`` over all
-samples and heads per tile pair, so it is also the fast CPU path for long sequences (see ``TWIN_MIN_T``).
+samples and heads per tile pair, so it is also the fast CPU path for long sequences (see ``TWIN_MIN_T``). On NumPy
+a batch of several samples is cut into one piece per sample, spread over the CPU cores (``minglm.parallel``): a
+sample's tiles stay in cache, and the numbers are the same as in one batched pass.
 
 Glossary: B = batch, H = heads, T = sequence length, D = head size, bq/bk = query/key tile sizes.
 
@@ -55,7 +57,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minglm.backend import get_xp, to_numpy
+from minglm import parallel
+from minglm.backend import get_xp, is_cupy, to_numpy
 
 # 256×256 tiles: big enough for efficient batched GEMMs, small enough that the skipped tiles follow the mask closely
 # (at T 2048 with random sep they compute 66 % of the full score matrix; 256×512 tiles compute 73 %).
@@ -139,6 +142,13 @@ def _tile_mask(xp, sep_h, len_h, sep_col, len_col, i0: int, i1: int, j0: int, j1
     return visible
 
 
+def _per_sample(q) -> bool:
+    """Whether to run a NumPy batch as one piece per sample (``minglm.parallel``); never on CuPy or for one sample.
+    Decided by sizes only, and a sample's numbers are the same either way."""
+    B, H, T, _ = q.shape
+    return not is_cupy(q) and B > 1 and H * T * T >= parallel.PIECE
+
+
 class _Buffer:
     """One flat scratch array handed out as contiguous views of any shape up to its size (no per-tile allocs)."""
 
@@ -159,6 +169,16 @@ def flash_attention_forward(q, k, v, sep, scale=None, block_q=DEFAULT_BLOCK_Q, b
     """
     xp = get_xp(q)
     sep_h, len_h = _check_inputs("flash_attention_forward", q, k, v, sep, lengths)
+    if _per_sample(q):
+        o, lse = xp.empty_like(q), xp.empty(q.shape[:3], dtype=q.dtype)
+
+        def piece(b):
+            one = slice(b, b + 1)
+            o[one], lse[one] = flash_attention_forward(q[one], k[one], v[one], sep_h[one], scale, block_q, block_k,
+                                                       None if len_h is None else len_h[one])
+
+        parallel.parallel_for(piece, list(range(q.shape[0])))
+        return o, lse
     k, v = _blas_ready(xp, k), _blas_ready(xp, v)
     B, H, T, D = q.shape
     dt = q.dtype
@@ -239,6 +259,17 @@ def flash_attention_backward(
             f"flash_attention_backward: expected o, do {q.shape} and lse {(B, H, T)}, "
             f"got o {o.shape}, do {do.shape}, lse {lse.shape}"
         )
+    if _per_sample(q):
+        dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
+
+        def piece(b):
+            one = slice(b, b + 1)
+            dq[one], dk[one], dv[one] = flash_attention_backward(
+                q[one], k[one], v[one], o[one], lse[one], do[one], sep_h[one], scale, block_q, block_k,
+                None if len_h is None else len_h[one])
+
+        parallel.parallel_for(piece, list(range(B)))
+        return dq, dk, dv
     dt = q.dtype
     do, lse = _blas_ready(xp, do.astype(dt, copy=False)), lse.astype(dt, copy=False)
     k, v = _blas_ready(xp, k), _blas_ready(xp, v)
