@@ -572,8 +572,9 @@ class Attention(Function):
         dv = Pᵀ do,  dP = do vᵀ,  dp = dP ⊙ keep,  ds = p ⊙ (dp − Σ_j dp_j p_j),  dq = ds k·scale,  dk = dsᵀ q·scale.
     This path stores the (B, H, Tq, Tk) probabilities; the fused kernel (minglm/kernels) never does.
 
-    On NumPy with more than one core the same passes run per batch element, the pieces spread over the cores by
-    ``minglm.parallel`` (each piece's scores stay in cache between passes). Nothing in the arithmetic changes.
+    On NumPy, inputs of more than 1 MiB of scores run the same passes per batch element (and group of heads), the
+    pieces spread over the cores by ``minglm.parallel``; a piece's scores stay in cache between passes. Nothing in
+    the arithmetic changes.
     """
 
     @staticmethod

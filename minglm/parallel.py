@@ -1,9 +1,9 @@
 """Use every CPU core for the NumPy passes that are not matrix products.
 
 A NumPy ufunc runs on one core. A GEMM already runs on all of them (BLAS has its own threads), but the passes around
-it (softmax, the attention mask, GeLU, LayerNorm) do not, and on a 2-core laptop they are about a third of a training
-step. NumPy releases the GIL inside its loops, so plain Python threads can run those passes side by side on disjoint
-pieces of an array. ``parallel_for`` does that:
+it (softmax, the attention mask, GeLU, LayerNorm, the AdamW update) do not, and on a 2-core laptop they were about a
+third of a training step. NumPy releases the GIL inside its loops, so plain Python threads can run those passes side
+by side on disjoint pieces of an array. ``parallel_for`` does that:
 
     parallel_for(work, items)   # calls work(item) for every item, the items split between the threads
 
@@ -13,6 +13,11 @@ ran which item. Two details make it fast rather than slower:
   a 2-thread GEMM on 2 cores fight over them, and the step got slower, not faster.
 - Work on small pieces is cache-friendly: a (T, T) score block of one batch element stays in L2 between the mask,
   max, exp and sum passes, where the whole (B, H, T, T) array goes to memory and back for each pass.
+- Idle OpenBLAS threads spin for a while after each GEMM and would take a core from these threads; minglm/__init__.py
+  shortens that spin (OPENBLAS_THREAD_TIMEOUT).
+
+Users: the plain attention (one batch element per piece), GeLU and LayerNorm (rows) in minglm/functional.py, the
+kernel twin (one sample per piece) in minglm/kernels/twin.py, and AdamW (slices of its flat buffer) in optim.py.
 
 The thread count is the BLAS thread count (so ``OMP_NUM_THREADS=2`` means 2 here too), or ``MINGLM_THREADS``.
 Without ``threadpoolctl``, or with a BLAS it cannot control, everything runs in the calling thread as before.
