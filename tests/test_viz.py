@@ -425,3 +425,34 @@ def test_cjk_text_draws():
         fig = draw(viz.plot_blank_infilling(batch, tok))
         draw(viz.plot_attention_mask(batch, tokenizer=tok))
     assert "床" in [t.get_text() for t in fig.axes[0].texts]
+
+
+@pytest.mark.parametrize("T, sep, bq, bk", [(64, 0, 16, 16), (64, 64, 16, 16), (100, 37, 16, 32), (50, 13, 7, 5)])
+def test_tile_status_follows_the_twins_rules(T, sep, bq, bk):
+    """Skipped exactly when the twin's _active says no sample sees the tile; full exactly when its _tile_mask is
+    None (the twin applies no mask there)."""
+    from minglm.kernels import twin
+
+    status = viz.tile_status(T, sep, bq, bk)
+    sep_h = np.array([sep])
+    for a, i0 in enumerate(range(0, T, bq)):
+        for b, j0 in enumerate(range(0, T, bk)):
+            i1, j1 = min(i0 + bq, T), min(j0 + bk, T)
+            skipped = twin._active(sep_h, i1, j0) == 0
+            assert (status[a, b] == 0) == skipped, (a, b)
+            if not skipped:
+                mask = twin._tile_mask(np, sep_h, None, sep_h.reshape(1, 1, 1, 1), None, i0, i1, j0, j1)
+                assert (status[a, b] == 2) == (mask is None or bool(mask.all())), (a, b)
+
+
+def test_tile_map_draws_codes_and_shares():
+    fig = draw(viz.plot_tile_map(128, [0, 50, 128], block_q=32, block_k=32))
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3
+    codes = np.asarray(panels[1].images[0].get_array())
+    assert codes.shape == (128, 128)
+    np.testing.assert_array_equal(codes[::32, ::32], viz.tile_status(128, 50, 32, 32))
+    assert panels[2].get_title() == "sep = 128: computes 100 %"  # sep = T: everything is visible
+    assert viz.computed_share(128, 0, 32, 32) == pytest.approx(10 * 32 * 32 / 128**2)  # causal: the 10 tiles on/below
+    with pytest.raises(ValueError, match="sep"):
+        viz.tile_status(10, 11, 4, 4)

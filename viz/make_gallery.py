@@ -82,6 +82,7 @@ def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: 
     batch, _ = viz.sample_from_text(text, tok, objective="glm-base", seed=seed)
     save("positions_shakespeare", viz.plot_positions(batch, convention="code", tokenizer=tok))
     save("span_lengths", viz.plot_span_lengths(n=3000, rng=np.random.default_rng(seed), seq_len=128))
+    save("tile_map", viz.plot_tile_map(512, [0, 200, 512], block_q=64, block_k=64))
 
     # a training run: loss curves and attention maps
     with tempfile.TemporaryDirectory(prefix="minglm-gallery-") as tmp:
