@@ -20,7 +20,8 @@ Teachers: ``python -m minglm.exercises path/to/answers.py`` runs every checker w
 
 What this leaves out: grading, hints beyond the first mismatch, and exercises on parts of the library that the
 lessons do not teach. References: GLM-REFERENCE.md §2.2 (the 15 % budget, the span lengths), §2.5 (positions),
-§3 (the mask), §5 (the loss), §6 (positions while decoding).
+§3 (the mask), §5 (the loss), §6 (positions while decoding); the online softmax of lesson 5 is the recurrence in
+minglm/kernels/twin.py.
 """
 
 from __future__ import annotations
@@ -389,6 +390,49 @@ def check_decode_positions(student_fn) -> bool:
     return _run("positions while decoding", body)
 
 
+# --- lesson 5: the online softmax ---------------------------------------------------------------------------
+
+
+def reference_online_state(s_seen, v_seen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The running statistics after the keys seen so far, computed directly (not by recurrence):
+    m = row max of the scores, l = Σ exp(s − m), acc = exp(s − m) @ v. Shapes (n,), (n,), (n, D)."""
+    m = s_seen.max(axis=1)
+    p = np.exp(s_seen - m[:, None])
+    return m, p.sum(axis=1), p @ v_seen
+
+
+def check_online_softmax_step(student_fn, seed: int = 0) -> bool:
+    """Exercise: ``student_fn(m, l, acc, s, v) -> (m, l, acc)`` folds one key tile into the running statistics of
+    the online softmax (minglm/kernels/twin.py): ``s`` (n, k) the tile's scores (``-inf`` where masked), ``v`` (k, D)
+    its values; ``m`` (n,), ``l`` (n,), ``acc`` (n, D) the state before the tile (``-inf``, 0, 0 at the start).
+    The checker feeds the tiles of a few rows one by one, compares the state after every tile with the direct
+    computation, and at the end ``acc / l`` with softmax(s) @ v from ``minglm.functional``."""
+
+    def body():
+        rng = np.random.default_rng(seed)
+        n, D, tiles = 3, 4, (5, 3, 6, 2)
+        s = rng.standard_normal((n, sum(tiles))) * 3.0
+        s[:, 5:8] += 8.0  # the second tile raises every row's max: the old sums must be rescaled
+        s[1, 9:12] = -np.inf  # masked keys inside a tile
+        v = rng.standard_normal((sum(tiles), D))
+        m, l, acc = np.full(n, -np.inf), np.zeros(n), np.zeros((n, D))
+        verdicts, start = [], 0
+        for t, size in enumerate(tiles):
+            stop = start + size
+            out = _unpack(_call(student_fn, m.copy(), l.copy(), acc.copy(), s[:, start:stop], v[start:stop]), 3,
+                          "m, l, acc")
+            m, l, acc = (np.asarray(x, dtype=np.float64) for x in out)
+            ref = reference_online_state(s[:, :stop], v[:stop])
+            for name, got, want in zip(("m", "l", "acc"), (m, l, acc), ref):
+                verdicts.append(compare(f"tile {t}: {name}", got, want, atol=1e-9, rtol=1e-9))
+            start = stop
+        probs = F.softmax(Tensor(s), axis=-1).numpy()
+        verdicts.append(compare("acc / l", acc / l[:, None], probs @ v, atol=1e-9, rtol=1e-9))
+        return verdicts
+
+    return _run("online softmax, one tile at a time", body)
+
+
 # --- the teacher's entry point ----------------------------------------------------------------------------
 
 # name a solutions/answers file defines -> the checker it goes to
@@ -401,6 +445,7 @@ FUNCTION_CHECKERS = {
     "positions": check_positions,
     "mask_budget": check_mask_budget,
     "decode_positions": check_decode_positions,
+    "online_softmax_step": check_online_softmax_step,
 }
 VALUE_CHECKERS = {("MEAN_SPAN_LENGTH", "SPANS_FOR_512"): check_span_count}
 

@@ -174,6 +174,26 @@ def _solution(name):
     return getattr(ex.load_answers(SOLUTIONS), name)
 
 
+def _online_no_rescale(m, l, acc, s, v):
+    """Adds the tile relative to the new max but never moves the old sums to it."""
+    m_new = np.maximum(m, s.max(axis=1))
+    p = np.exp(s - m_new[:, None])
+    return m_new, l + p.sum(axis=1), acc + p @ v
+
+
+def _online_rescales_only_l(m, l, acc, s, v):
+    m_new = np.maximum(m, s.max(axis=1))
+    alpha, p = np.exp(m - m_new), np.exp(s - m_new[:, None])
+    return m_new, alpha * l + p.sum(axis=1), acc + p @ v  # the numerator keeps the old reference point
+
+
+def _online_tile_max_only(m, l, acc, s, v):
+    """Uses the tile's own max as the reference point and forgets the running one."""
+    m_new = s.max(axis=1)
+    alpha, p = np.exp(m - m_new), np.exp(s - m_new[:, None])
+    return m_new, alpha * l + p.sum(axis=1), alpha[:, None] * acc + p @ v
+
+
 WRONG = [
     ("chain_rule", _chain_rule_one_path_for_a),
     ("softmax_backward", _softmax_forgot_the_sum),
@@ -191,6 +211,9 @@ WRONG = [
     ("decode_positions", _decode_feeds_the_end_token),
     ("decode_positions", _decode_positions_keep_counting),
     ("decode_positions", _decode_block_ids_never_restart),
+    ("online_softmax_step", _online_no_rescale),
+    ("online_softmax_step", _online_rescales_only_l),
+    ("online_softmax_step", _online_tile_max_only),
     ("mask_budget", lambda n: math.ceil(0.15 * n)),
     ("mask_budget", lambda n: int(0.15 * (n - 2))),  # forgets that [CLS] and <eos> count
 ]

@@ -110,3 +110,19 @@ def decode_positions(context_len, mask_positions, fill_lengths):
         pos += [m] * (k + 1)
         block += list(range(1, k + 2))
     return np.array(pos), np.array(block)
+
+
+# --- lesson 5 -----------------------------------------------------------------------------------------------
+
+
+def online_softmax_step(m, l, acc, s, v):
+    """Fold one key tile into the running (max, denominator, numerator) of each row.
+
+    The new max is m' = max(m, max_j s_j). The old sums were taken relative to m, so they move to m' by the factor
+    alpha = exp(m − m') (<= 1; exp(−inf) = 0 at the start, when l and acc are still 0). The tile adds its own
+    terms relative to m': l' = alpha·l + Σ_j exp(s_j − m'), acc' = alpha·acc + exp(s − m') @ v.
+    """
+    m_new = np.maximum(m, s.max(axis=1))
+    alpha = np.exp(m - m_new)
+    p = np.exp(s - m_new[:, None])
+    return m_new, alpha * l + p.sum(axis=1), alpha[:, None] * acc + p @ v
