@@ -89,12 +89,7 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[float, str]:
         before = _read_status_kb("VmRSS")
         fn()
         return 1024.0 * (_read_status_kb("VmHWM") - before), "rss"
-    tracemalloc.start()
-    try:
-        fn()
-        return float(tracemalloc.get_traced_memory()[1]), "tracemalloc"
-    finally:
-        tracemalloc.stop()
+    return numpy_peak_bytes(fn)
 
 
 # ---------------------------------------------------------------- implementations
