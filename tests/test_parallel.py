@@ -168,3 +168,25 @@ def test_large_attention_uses_pieces_and_matches(two_threads):
     np.testing.assert_array_equal(out.data, ref.data)
     for a, t in zip(grads, (q, k, v)):
         np.testing.assert_array_equal(a, t.grad)
+
+
+@pytest.mark.parametrize("code, env, expected", [
+    ("import minglm", None, "18"),  # minglm first: it shortens OpenBLAS's idle spin
+    ("import minglm", "25", "25"),  # a value the user set is kept
+    ("import numpy; import minglm", None, "unset"),  # too late once NumPy has loaded OpenBLAS: leave it alone
+])
+def test_openblas_thread_timeout(code, env, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if env is not None:
+        environ["OPENBLAS_THREAD_TIMEOUT"] = env
+    root = str(Path(__file__).resolve().parents[1])
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; "
+                          "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset'))"],
+                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
