@@ -142,6 +142,19 @@ def _unpack(out, n: int, what: str):
     return out
 
 
+def _compare_positions(student_fn, reference, cases, describe: str) -> list[Verdict]:
+    """For each case (the arguments of both functions): print ``describe``, then compare the student's
+    (position_ids, block_position_ids) with the reference's, exactly."""
+    verdicts = []
+    for i, case in enumerate(cases):
+        print(describe.format(i, *case))
+        got = _unpack(_call(student_fn, *case), 2, "position_ids, block_position_ids")
+        pos, block = reference(*case)
+        verdicts.append(compare("  position", got[0], pos, atol=0, rtol=0))
+        verdicts.append(compare("  block", got[1], block, atol=0, rtol=0))
+    return verdicts
+
+
 # --- lesson 1: the chain rule, softmax and layer norm by hand -------------------------------------------------
 
 
@@ -276,17 +289,8 @@ def check_positions(student_fn) -> bool:
     ``spans`` (start, end) in text order, and ``order``, the Part-B order as indices into ``spans``.
     """
 
-    def body():
-        verdicts = []
-        for i, (length, spans, order) in enumerate(POSITION_CASES):
-            print(f"case {i}: length {length}, spans {spans}, Part-B order {order}")
-            got = _unpack(_call(student_fn, length, spans, order), 2, "position_ids, block_position_ids")
-            pos, block = reference_positions(length, spans, order)
-            verdicts.append(compare("  position", got[0], pos, atol=0, rtol=0))
-            verdicts.append(compare("  block", got[1], block, atol=0, rtol=0))
-        return verdicts
-
-    return _run("2D positions of a span layout", body)
+    return _run("2D positions of a span layout", lambda: _compare_positions(
+        student_fn, reference_positions, POSITION_CASES, "case {}: length {}, spans {}, Part-B order {}"))
 
 
 def reference_mask_budget(length: int, ratio: float = 0.15) -> int:
@@ -377,17 +381,9 @@ def check_decode_positions(student_fn) -> bool:
     of every token the model reads while filling the blanks: the context, then for each blank its <sop> and its
     generated tokens (the closing <eop> is never fed back)."""
 
-    def body():
-        verdicts = []
-        for i, (n, masks, lengths) in enumerate(DECODE_CASES):
-            print(f"case {i}: context of {n} tokens, blanks at {masks}, fills of {lengths} tokens")
-            got = _unpack(_call(student_fn, n, masks, lengths), 2, "position_ids, block_position_ids")
-            pos, block = reference_decode_positions(n, masks, lengths)
-            verdicts.append(compare("  position", got[0], pos, atol=0, rtol=0))
-            verdicts.append(compare("  block", got[1], block, atol=0, rtol=0))
-        return verdicts
-
-    return _run("positions while decoding", body)
+    return _run("positions while decoding", lambda: _compare_positions(
+        student_fn, reference_decode_positions, DECODE_CASES, "case {}: context of {} tokens, blanks at {}, "
+        "fills of {} tokens"))
 
 
 # --- lesson 5: the online softmax ---------------------------------------------------------------------------
