@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from known_answers import FIG2_MASK
 
 from minglm.data import (
     Batch,
@@ -146,18 +147,7 @@ def test_smask_example_8_4():
 
 
 def test_mask_matrix_8_5():
-    expected = np.array([
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    ], dtype=bool)
+    expected = FIG2_MASK  # tests/known_answers.py, typed from §8.5
     s = blank_infill([x1, x2, x3, x4, x5, x6], [(2, 3), (4, 6)], order=[1, 0])
     np.testing.assert_array_equal(dense_mask(s)[0], expected)
     np.testing.assert_array_equal(dense_mask(5, 10)[0], expected)

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from known_answers import FIG2_MASK  # noqa: E402 - GLM-REFERENCE.md §8.5, typed once
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -30,19 +31,6 @@ from viz.graph import _layout, build_graph, longest_path_layers  # noqa: E402
 from viz.infill import reconstruct  # noqa: E402
 from viz.masks import PAD_CODE  # noqa: E402
 
-# GLM-REFERENCE.md §8.5, typed from the document: rows = queries, columns = keys, 1 = may attend.
-FIG2_MASK = np.array([
-    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
-    [1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-    [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
-    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-], dtype=bool)
 FIG2_LABELS = ["x1", "x2", "[M]", "x4", "[M]", "[S]", "x5", "x6", "[S]", "x3"]
 
 
