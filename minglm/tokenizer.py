@@ -15,8 +15,10 @@ What this file leaves out: Unicode normalisation, a GPT-2-compatible vocabulary,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -357,3 +359,17 @@ def load_tokenizer(path) -> CharTokenizer | BPETokenizer:
     if kind == "bpe":
         return BPETokenizer.load(path)
     raise ValueError(f"load_tokenizer: {path} has unknown tokenizer type {kind!r}")
+
+
+def tokenizer_record(tokenizer) -> tuple[dict, str]:
+    """The tokenizer's own JSON (as a dict) and its SHA-256 fingerprint (of the canonical JSON).
+
+    A checkpoint stores both, and loading a run compares the fingerprint with the run's tokenizer.json, so a model is
+    never paired with a vocabulary it was not trained on.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        tokenizer.save(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    canon = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
+    return data, hashlib.sha256(canon).hexdigest()

@@ -1,4 +1,4 @@
-"""Training GLM: the ``Trainer`` loop and ``python -m minglm train``, the main job of minglm.
+"""Training GLM: the ``Trainer`` loop, the main job of minglm.
 
 One optimizer step (``Trainer.train_step``): draw ``grad_accum`` micro-batches, run the model, compute GLM's loss
 (mean cross-entropy over the Part-B targets, GLM-REFERENCE.md §5), backpropagate each loss scaled by 1/grad_accum,
@@ -16,35 +16,30 @@ last ``spike_window`` accepted losses (after ``spike_warmup`` steps), triggers a
 optimizer go back to the last checkpoint (or the initial state), the step counter too, while the data position and
 the rng go on, so the offending batches are skipped. A ``{"event": "rollback"}`` line records it.
 
-``python -m minglm train`` with no arguments trains the tiny config on character-level Shakespeare for a few CPU
-minutes, then prints held-out lines with the model's greedy fill beside the truth and compares the validation loss
-with a unigram baseline (``summary.json``). Left out: distributed training, mixed precision, learning-rate finders.
+The command that builds a run folder around this loop is ``python -m minglm train`` (minglm/commands/train.py).
+Left out: distributed training, mixed precision, learning-rate finders.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import os
-import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm  # plain tqdm: tqdm.auto needs ipywidgets in Jupyter, and warns without it
 
-from minglm.backend import device_xp, get_xp, to_device, to_numpy
-from minglm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
-from minglm.config import TrainConfig, apply_overrides, field_types, load_config_source, make_train_config
-from minglm.model import GLM, GLMConfig, glm_loss
-from minglm.optim import AdamW, CosineSchedule
-from minglm.tensor import Tensor, no_grad
+from minglm.backend import get_xp, to_device, to_numpy
+from minglm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from minglm.config import TrainConfig
+from minglm.model import GLM, glm_loss
+from minglm.optim import AdamW
+from minglm.tensor import no_grad
 
-VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
 BASELINE_SEED = 4321  # the train batches the unigram baseline counts come from their own generator
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,16 +73,6 @@ def masked_token_stats(logits, targets, loss_mask) -> tuple[float, int, int]:
     ce = lse - z[xp.arange(z.shape[0]), y]  # (n,)
     hits = int((z.argmax(axis=-1) == y).sum())
     return float(ce.sum(dtype=xp.float64)), int(z.shape[0]), hits
-
-
-def tokenizer_record(tokenizer) -> tuple[dict, str]:
-    """The tokenizer's own JSON (as a dict) and its SHA-256 fingerprint (of the canonical JSON)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        tokenizer.save(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    canon = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
-    return data, hashlib.sha256(canon).hexdigest()
 
 
 def _progress_disabled() -> bool:
@@ -350,8 +335,6 @@ class Trainer:
         if not has_file:  # the rollback target before the first checkpoint: the state we start from
             arrays, meta = self.state()
             self._memory_ckpt = (arrays, meta)
-        from tqdm import tqdm  # plain tqdm: tqdm.auto needs ipywidgets in Jupyter, and warns without it
-
         t_start = time.perf_counter()
         self._bar = tqdm(total=cfg.steps, initial=self.step, disable=_progress_disabled(), dynamic_ncols=True,
                          unit="step", file=sys.stderr)
@@ -401,7 +384,7 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The end of a run: unigram baseline and held-out fills
+# A baseline to beat
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -424,310 +407,3 @@ def unigram_baseline(train_loader, val_batches, vocab_size: int, n_batches: int 
         total -= float(logp[y].sum())
         n += len(y)
     return total / max(n, 1)
-
-
-def heldout_lines(docs: list[str], n: int, rng: np.random.Generator, max_chars: int = 90) -> list[tuple[str, str]]:
-    """``n`` (text with one word replaced by [MASK], the word) pairs from validation lines of at most ``max_chars``
-    characters (and at least half that), so that a line fits the positions the model was trained on."""
-    lines = [ln.strip() for d in docs for ln in d.splitlines()]
-    lo = max_chars // 2
-    lines = [ln for ln in lines if lo <= len(ln) <= max_chars and "[" not in ln
-             and sum(c.isalpha() for c in ln) >= 0.6 * lo]
-    out = []
-    if not lines or n == 0:
-        return out
-    for i in rng.permutation(len(lines))[: 4 * n]:
-        line = lines[int(i)]
-        words = [m for m in re.finditer(r"[A-Za-z']{3,9}", line) if m.start() > 0]
-        if not words:
-            continue
-        w = words[int(rng.integers(len(words)))]
-        out.append((line[: w.start()] + "[MASK]" + line[w.end():], w.group()))
-        if len(out) == n:
-            break
-    return out
-
-
-def show_fills(model, tokenizer, pairs, say=print, max_new: int = 12) -> list[dict]:
-    """Fill each held-out line greedily (at most ``max_new`` tokens) and print the fill beside the truth."""
-    # The decoder lives one layer up (minglm/generate.py); the main job borrows it for its closing demonstration.
-    from minglm.generate import Sampling, fill
-
-    model.eval()
-    rows = []
-    for text, truth in pairs:
-        got = fill(model, tokenizer, text, Sampling(greedy=True, max_len=max_new)).fills[0]
-        rows.append({"text": text, "truth": truth, "fill": got})
-    model.train()
-    if rows:
-        say("held-out lines: [MASK] filled greedily by the model  (fill | truth)")
-        for r in rows:
-            mark = "=" if r["fill"] == r["truth"] else " "
-            say(f"  {r['text']}\n      model {r['fill']!r:14} {mark} truth {r['truth']!r}")
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The command line
-# --------------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m minglm train",
-        description="Train a GLM. With no arguments: the tiny config on character-level Shakespeare (CPU, minutes).",
-    )
-    ap.add_argument("--config", default=None, help="tiny | small | base | FILE.json (a run's config.json works)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config field (train or model.<field>), repeatable, e.g. --set lr=1e-3")
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
-    ap.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
-    ap.add_argument("--name", help="run folder name (default: <corpus>-<preset>-<objective>, numbered if taken)")
-    ap.add_argument("--seed", type=int, help="seed of the one random generator")
-    ap.add_argument("--device", choices=("auto", "cpu", "gpu"), help="where to train (default: the config's)")
-    ap.add_argument("--resume", metavar="RUN", help="continue a run folder exactly from its latest checkpoint")
-    ap.add_argument("--corpus", help="shakespeare | tang | a .txt file or folder of them")
-    ap.add_argument("--objective", help="glm-base | glm-10b | glm-doc | glm-130b | bert | gpt | prefix | t5")
-    ap.add_argument("--eval-every", type=int, help="validate every N steps")
-    ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
-    ap.add_argument("--keep", type=int, help="keep the newest K checkpoints")
-    ap.add_argument("--time-limit", type=float, help="stop (evaluate and save) after this many seconds of training")
-    ap.add_argument("--stop-at", type=int, metavar="STEP",
-                    help="stop after STEP without saving, as if the process died (to try --resume)")
-    ap.add_argument("--inject-spike-at", default="", metavar="STEPS",
-                    help="testing the guard: multiply the loss by 1000 at these steps (comma list, once each)")
-    ap.add_argument("--inject-nan-at", default="", metavar="STEPS",
-                    help="testing the guard: make the loss NaN at these steps (comma list, once each)")
-    ap.add_argument("--quiet", action="store_true", help="print only the final summary")
-    return ap
-
-
-def _steps_list(text: str, flag: str) -> set[int]:
-    try:
-        return {int(s) for s in text.split(",") if s.strip()}
-    except ValueError:
-        raise ValueError(f"{flag}: expected a comma-separated list of steps, got {text!r}") from None
-
-
-def make_fault_hook(spike_at: set[int], nan_at: set[int]):
-    """A fault_hook that corrupts the loss once at each listed step (after a rollback the step number repeats)."""
-    spike_at, nan_at = set(spike_at), set(nan_at)
-    if not spike_at and not nan_at:
-        return None
-
-    def hook(step: int, loss: Tensor) -> Tensor:
-        if step in spike_at:
-            spike_at.discard(step)
-            return loss * 1000.0
-        if step in nan_at:
-            nan_at.discard(step)
-            return loss * float("nan")
-        return loss
-
-    return hook
-
-
-def _unique_run_dir(out: Path, name: str) -> Path:
-    path, i = out / name, 2
-    while path.exists():
-        path, i = out / f"{name}-{i}", i + 1
-    return path
-
-
-def _truncate_log(path: Path, n_lines: int) -> None:
-    """Keep the first ``n_lines`` lines of log.jsonl (what the checkpoint had seen), atomically."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
-    if len(lines) < n_lines:
-        raise CheckpointError(f"resume: {path} has {len(lines)} lines, the checkpoint expects at least {n_lines}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".log.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines[:n_lines])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _resolve_resume(resume: str, out: str) -> Path:
-    for cand in (Path(resume), Path(out) / resume):
-        if (cand / "config.json").is_file():
-            return cand
-    raise ValueError(f"--resume: {resume!r} is not a run folder with a config.json (looked in . and {out}/)")
-
-
-def _model_config(preset: str | None, model: dict, train: TrainConfig, vocab_size: int) -> GLMConfig:
-    model = dict(model)
-    model.setdefault("vocab_size", vocab_size)
-    if model["vocab_size"] < vocab_size:
-        raise ValueError(f"model.vocab_size={model['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-    model["seq_len"] = train.seq_len
-    # Part B reuses the blanks' positions, but a long [gMASK] span can have block ids up to seq_len + 1
-    model["max_len"] = max(int(model.get("max_len") or 0), train.seq_len + 1)
-    try:
-        return GLMConfig.from_dict(model)
-    except TypeError as e:
-        raise ValueError(f"model config: {e}") from e
-
-
-def _objective_overrides(cfg: TrainConfig) -> dict:
-    """Data settings from the config that the objective takes (mask_ratio: the GLM mixtures and BERT only)."""
-    from minglm.data.objectives import GLM_PRESETS
-
-    if cfg.objective in GLM_PRESETS or cfg.objective == "bert":
-        return {"mask_ratio": cfg.mask_ratio}
-    if cfg.mask_ratio != TrainConfig.mask_ratio:
-        raise ValueError(f"TrainConfig.mask_ratio does not apply to the {cfg.objective!r} objective")
-    return {}
-
-
-def _eval_modes(objective) -> list[str | None]:
-    """The GLM modes to validate separately (those with a non-zero probability); [None] for the baselines."""
-    if not hasattr(objective, "bert_prob"):
-        return [None]
-    doc = 1.0 - objective.bert_prob - objective.sentence_prob
-    modes = [m for m, p in (("token", objective.bert_prob), ("sentence", objective.sentence_prob),
-                            ("document", doc)) if p > 1e-9]
-    return modes if len(modes) > 1 else [None]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m minglm train [options]``; returns the exit code (2 for bad input)."""
-    t_main = time.perf_counter()
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args, t_main)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def _run(args, t_main: float) -> int:
-    from minglm.data.corpus import encode_corpus, load_corpus
-    from minglm.data.loader import BlockLoader, iter_eval_batches
-    from minglm.tokenizer import CharTokenizer, load_tokenizer
-
-    model_fields = field_types(GLMConfig)
-    flags = {"steps": args.steps, "seed": args.seed, "device": args.device, "corpus": args.corpus,
-             "objective": args.objective, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
-             "keep": args.keep, "time_limit": args.time_limit}
-    if args.resume:
-        blocked = [f for f in ("config", "corpus", "objective", "seed") if getattr(args, f) is not None] + \
-            (["set"] if args.set else [])
-        if blocked:
-            raise ValueError(f"--resume continues a run with its saved config; drop --{', --'.join(blocked)}")
-        run_dir = _resolve_resume(args.resume, args.out)
-        saved = json.loads((run_dir / "config.json").read_text())
-        preset, model_dict, train_dict = saved.get("preset"), dict(saved["model"]), dict(saved["train"])
-    else:
-        preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
-        apply_overrides(model_dict, train_dict, args.set, model_fields)
-    train_dict.update({k: v for k, v in flags.items() if v is not None})
-    cfg = make_train_config(train_dict)
-    verbose = not args.quiet
-    say = print if verbose else (lambda *a, **k: None)
-
-    # data and tokenizer
-    corpus = load_corpus(cfg.corpus, val_fraction=cfg.val_fraction, seed=0)
-    if args.resume:
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    else:
-        tokenizer = CharTokenizer.from_texts(corpus.docs)
-    tok_json, vocab_sha = tokenizer_record(tokenizer)
-    train_ids, val_ids = encode_corpus(corpus, tokenizer)
-    if not val_ids:
-        raise ValueError(f"corpus {cfg.corpus!r} has no validation documents (it needs at least two documents)")
-    mcfg = _model_config(preset, model_dict, cfg, tokenizer.vocab_size)
-
-    # the run folder
-    if not args.resume:
-        out = Path(args.out)
-        if args.name:
-            run_dir = out / args.name
-            if run_dir.exists():
-                raise ValueError(f"--name: {run_dir} exists; pick another name or --resume it")
-        else:
-            run_dir = _unique_run_dir(out, f"{corpus.name}-{preset or 'custom'}-{cfg.objective}".replace("/", "_"))
-        run_dir.mkdir(parents=True)
-        tokenizer.save(run_dir / "tokenizer.json")
-        (run_dir / "log.jsonl").write_text("")
-    config_record = {"preset": preset, "model": mcfg.to_dict(), "train": cfg.to_dict()}
-    write_json_atomic(run_dir / "config.json", config_record)
-
-    # model, optimizer, loaders (the rng: model init, then data order, blanks and dropout)
-    rng = np.random.default_rng(cfg.seed)
-    model = GLM(mcfg, rng)
-    xp = device_xp(cfg.device)
-    if xp is not np:
-        model.to("gpu")  # before the optimizer: it makes the parameters views of its flat buffer
-    optimizer = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    schedule = CosineSchedule(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    data_kw = _objective_overrides(cfg)
-    loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective, **data_kw)
-    val_batches = []
-    for mode in _eval_modes(loader.objective):
-        for b in iter_eval_batches(val_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
-                                   seed=VAL_SEED, max_batches=cfg.eval_batches, mode=mode, **data_kw):
-            val_batches.append((b.objective, b))
-    meta = {"model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "vocab_sha256": vocab_sha,
-            "vocab_size": tokenizer.vocab_size, "tokenizer": tok_json}
-    expect = {"model_config": mcfg.to_dict(), "vocab_sha256": vocab_sha}
-    spike = _steps_list(args.inject_spike_at, "--inject-spike-at")
-    nan = _steps_list(args.inject_nan_at, "--inject-nan-at")
-    trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=run_dir / "ckpt",
-                      log_path=run_dir / "log.jsonl", meta=meta, expect=expect,
-                      fault_hook=make_fault_hook(spike, nan), verbose=verbose)
-    if args.resume:
-        ckpt_dir = run_dir / "ckpt"
-        if latest_checkpoint(ckpt_dir) is None:
-            raise CheckpointError(f"--resume: no valid checkpoint in {ckpt_dir}")
-        step = trainer.load_checkpoint(ckpt_dir, full=True)
-        _truncate_log(run_dir / "log.jsonl", trainer.log_lines)
-        say(f"resumed {run_dir} at step {step}")
-
-    n_params = model.num_parameters()
-    say(f"run {run_dir}: {n_params:,} parameters, vocab {tokenizer.vocab_size}, {cfg.objective} on {corpus.name} "
-        f"({sum(map(len, train_ids)):,} train / {sum(map(len, val_ids)):,} val tokens), {cfg.steps} steps of "
-        f"{cfg.batch_size}x{cfg.grad_accum} windows of {cfg.seq_len}, device {cfg.device}")
-    t_train = time.perf_counter()
-    reason = trainer.fit(until=args.stop_at)
-    train_s = time.perf_counter() - t_train
-    if reason == "until":
-        say(f"stopped after step {trainer.step} (--stop-at); continue with --resume {run_dir}")
-        return 0
-
-    # the end: final numbers, baseline, fills, plots
-    final = trainer.last_eval if trainer.last_eval.get("step") == trainer.step else {
-        "step": trainer.step, **trainer.evaluate()}
-    base_loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective, **data_kw)
-    unigram = unigram_baseline(base_loader, val_batches, tokenizer.vocab_size)
-    # a character tokenizer: [CLS] + line + <eos> must fit in the seq_len positions seen in training
-    max_chars = min(90, cfg.seq_len - 6)
-    pairs = heldout_lines(corpus.val, cfg.fill_lines, np.random.default_rng(VAL_SEED), max_chars=max_chars)
-    fills = show_fills(model, tokenizer, pairs, say=say)
-    steps_done = [r for r in trainer.records if "loss" in r]
-    summary = {
-        "run": str(run_dir), "steps": trainer.step, "stop_reason": reason, "rollbacks": trainer.rollbacks,
-        "train_seconds": round(train_s, 2), "wall_seconds": round(time.perf_counter() - t_main, 2),
-        "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in steps_done])), 1) if steps_done else None,
-        "parameters": n_params, **{k: v for k, v in final.items() if k != "step"},
-        "unigram_loss": unigram,
-        "unigram_note": "unigram of Part-B target ids counted over 64 train batches (add-one smoothed), "
-                        "scored on the same validation Part-B targets as val_loss",
-        "val_over_unigram": final.get("val_loss", float("nan")) / unigram,
-        "fills": fills,
-    }
-    write_json_atomic(run_dir / "summary.json", summary)
-    if cfg.plots:
-        try:
-            import viz
-
-            viz.save_run_plots(run_dir)
-        except (ImportError, AttributeError):
-            pass
-    val_loss = final.get("val_loss", float("nan"))
-    print(f"done: {trainer.step} steps in {train_s:.0f} s ({reason}); val loss {val_loss:.3f}"
-          f" vs unigram {unigram:.3f} (ratio {summary['val_over_unigram']:.2f}); val acc "
-          f"{final.get('val_acc', float('nan')):.3f}; run folder {run_dir}")
-    return 0

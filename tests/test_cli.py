@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minglm import interop
-from minglm.cli import main
+from minglm.commands import main
 
 
 def test_usage_and_unknown_command(capsys):

@@ -9,6 +9,7 @@ import pytest
 
 import minglm.functional as F
 from minglm import finetune as FT
+from minglm.commands import finetune as finetune_command
 from minglm.model import GLM, GLMConfig
 from minglm.tensor import Tensor, no_grad
 from minglm.tokenizer import CharTokenizer
@@ -184,8 +185,9 @@ def test_cli_on_a_small_run(tmp_path, capsys):
     tok.save(run / "tokenizer.json")
     np.savez(run / "ckpt" / "step_1.npz", **{f"model/{k}": v for k, v in model.state_dict().items()})
     out = tmp_path / "res.json"
-    code = FT.main(["--run", str(run), "--n-train", "30", "--n-test", "15", "--steps", "2", "--batch-size", "4",
-                    "--chars", "40", "--json", str(out), "--save-lora", str(tmp_path / "adapters")])
+    code = finetune_command.main(["--run", str(run), "--n-train", "30", "--n-test", "15", "--steps", "2",
+                                  "--batch-size", "4", "--chars", "40", "--json", str(out),
+                                  "--save-lora", str(tmp_path / "adapters")])
     assert code == 0
     text = capsys.readouterr().out
     assert "| method | test accuracy |" in text and "zero-shot" in text and "LoRA" in text
@@ -193,6 +195,6 @@ def test_cli_on_a_small_run(tmp_path, capsys):
     assert [r["method"].split(" ")[0] for r in rows] == ["majority", "zero-shot", "full", "LoRA"]
     assert rows[0]["accuracy"] == pytest.approx(1 / 3)
     assert (tmp_path / "adapters.npz").exists() and (tmp_path / "adapters.json").exists()
-    assert FT.main(["--run", str(tmp_path / "missing")]) == 2
-    assert FT.main(["--run", str(run), "--verbalizers", "comedy,trag\u00e9die,history"]) == 2
+    assert finetune_command.main(["--run", str(tmp_path / "missing")]) == 2
+    assert finetune_command.main(["--run", str(run), "--verbalizers", "comedy,trag\u00e9die,history"]) == 2
     assert "trag\u00e9die" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from minglm import generate as G
+from minglm.commands import fill as fill_command
 from minglm.model import GLM, GLMConfig
 from minglm.tokenizer import CharTokenizer
 
@@ -224,7 +225,7 @@ def test_unknown_run_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         G.load_run(tmp_path / "empty")
-    assert G.main([str(tmp_path / "nope"), "a [MASK]"]) == 2
+    assert fill_command.main([str(tmp_path / "nope"), "a [MASK]"]) == 2
 
 
 def _fake_run(tmp_path, model: GLM):
@@ -250,11 +251,11 @@ def test_load_run_and_cli(tmp_path, capsys):
     for (k, a), (k2, b) in zip(model.named_parameters(), loaded.named_parameters()):
         assert k == k2 and np.array_equal(a.data, b.data)
     ref = G.fill(model, TOK, "x [MASK] y", G.Sampling(greedy=True, max_len=5))
-    assert G.main([str(run), "x [MASK] y", "--greedy", "--max-len", "5", "--steps"]) == 0
+    assert fill_command.main([str(run), "x [MASK] y", "--greedy", "--max-len", "5", "--steps"]) == 0
     out = capsys.readouterr().out
     assert ref.marked_text in out and "pos" in out and "block" in out
     assert len(out.strip().splitlines()) >= 3
-    assert G.main([str(run / "ckpt" / "step_20.npz"), "x [MASK] y", "--seed", "1", "--top-k", "3"]) == 0
+    assert fill_command.main([str(run / "ckpt" / "step_20.npz"), "x [MASK] y", "--seed", "1", "--top-k", "3"]) == 0
     old, _ = G.load_run(run / "ckpt" / "step_5.npz")  # a bare npz without its JSON record also loads
     w = model.word_embeddings.weight.data
     assert np.allclose(old.word_embeddings.weight.data, w + 1.0)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from minglm.checkpoint import CheckpointError
+from minglm.commands.train import main
 from minglm.config import TrainConfig
-from minglm.train import Trainer, _progress_disabled, main
+from minglm.train import Trainer, _progress_disabled
 
 WORDS = ("the king queen lord lady good night sweet love death fair heart sword crown blood honour gentle noble "
          "speak come go hath doth thou thee my your our what why where when never ever more").split()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minglm import backend
-from minglm.train import main
+from minglm.commands.train import main
 
 pytestmark = [
     pytest.mark.gpu,

@@ -22,10 +22,10 @@ from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import viz  # noqa: E402
+from minglm.commands.plot import main as cli_main  # noqa: E402
 from minglm.data import collate, dense_mask  # noqa: E402
 from minglm.tokenizer import CharTokenizer  # noqa: E402
 from viz import style  # noqa: E402
-from viz.cli import main as cli_main  # noqa: E402
 from viz.curves import ema, split_rollbacks  # noqa: E402
 from viz.graph import _layout, build_graph, longest_path_layers  # noqa: E402
 from viz.infill import reconstruct  # noqa: E402

@@ -5,7 +5,7 @@
 
 No pyplot state is used (figures are `matplotlib.figure.Figure` objects; nothing to close, nothing shown), so
 everything runs headless, in tests and in notebooks (display a figure by leaving it as the cell's last value).
-The command line is `python -m minglm plot ...` (viz/cli.py); the gallery is viz/README.md
+The command line is `python -m minglm plot ...` (minglm/commands/plot.py); the gallery is viz/README.md
 (`python -m viz.make_gallery` rebuilds it). Follows GLM-REFERENCE.md §2.5, §3 and §8.
 """
 

@@ -26,7 +26,7 @@ GALLERY = Path(__file__).resolve().parent / "gallery"
 
 def train_tiny_run(out: Path, steps: int = 60) -> Path:
     """Train the tiny config for `steps` steps into out/gallery (the trainer's own CLI) and return the run folder."""
-    from minglm.train import main as train_main
+    from minglm.commands.train import main as train_main
 
     rc = train_main(["--steps", str(steps), "--objective", "glm-10b", "--eval-every", "20", "--ckpt-every", "30",
                      "--out", str(out), "--name", "gallery", "--inject-nan-at", "40", "--quiet"])

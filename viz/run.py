@@ -1,6 +1,6 @@
 """Pictures of a training run, written into its folder: `save_run_plots(runs/<name>)` -> runs/<name>/plots/*.png.
 
-The trainer calls it at the end of a run (if `viz` imports). It reads only the run folder (config.json,
+`python -m minglm train` calls it at the end of a run. It reads only the run folder (config.json,
 tokenizer.json, log.jsonl; the run-folder contract) and draws:
 - loss.png: training / validation loss per objective, lr, rollbacks (`plot_loss_curves`);
 - mask.png, positions.png, infill.png: one sample built with the run's tokenizer and objective from a short

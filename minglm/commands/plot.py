@@ -1,4 +1,4 @@
-"""Command line for the visualizer: `python -m minglm plot <what> ...` (or `python -m viz.cli <what> ...`).
+"""``python -m minglm plot <what> ...``: the visualizer's pictures (``viz``) from the command line.
 
     plot mask       [--text T | --run DIR | --figure2] [--objective O] [--mode M] [--seed S] [--window A:B]
     plot positions  [same] [--convention code|paper]
@@ -21,6 +21,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from minglm.generate import load_run
+from minglm.tokenizer import load_tokenizer
+from viz.attention import plot_attention_weights
+from viz.curves import plot_loss_curves
+from viz.examples import DEFAULT_TEXT, figure2_sample, run_sample, sample_from_text
+from viz.infill import plot_blank_infilling
+from viz.masks import plot_attention_mask, plot_objective_masks
+from viz.positions import plot_positions
+from viz.run import save_run_plots
+from viz.spans import plot_span_lengths
 
 KINDS = ("mask", "positions", "infill", "objectives", "spans", "loss", "attention", "run")
 
@@ -60,15 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sample(args):
     """(batch or sample, labels/tokenizer) for the sample-based plots."""
-    from viz.examples import DEFAULT_TEXT, figure2_sample, run_sample, sample_from_text
-
     if args.figure2:
         return figure2_sample()
     run = args.run[0] if args.run else None
     if run is not None:
         if args.text is not None and args.objective is not None:
-            from minglm.tokenizer import load_tokenizer
-
             return sample_from_text(args.text, load_tokenizer(Path(run) / "tokenizer.json"), args.objective,
                                     args.seed, args.mode)
         if args.objective is not None:
@@ -79,10 +88,6 @@ def _sample(args):
 
 def make_figure(args):
     if args.what in ("mask", "positions", "infill"):
-        from viz.infill import plot_blank_infilling
-        from viz.masks import plot_attention_mask
-        from viz.positions import plot_positions
-
         sample, tok = _sample(args)
         if args.what == "mask":
             return plot_attention_mask(sample, 0, tok, window=args.window)
@@ -90,28 +95,16 @@ def make_figure(args):
             return plot_positions(sample, args.convention, tok, window=args.window)
         return plot_blank_infilling(sample, tok)
     if args.what == "objectives":
-        from viz.masks import plot_objective_masks
-
         if args.text:  # each objective built by the data module from this text
             return plot_objective_masks(text=args.text, seed=args.seed)
         return plot_objective_masks()
     if args.what == "spans":
-        import numpy as np
-
-        from viz.spans import plot_span_lengths
-
         return plot_span_lengths(None, n=args.n, rng=np.random.default_rng(args.seed), seq_len=args.seq_len)
     if args.what == "loss":
-        from viz.curves import plot_loss_curves
-
         if not args.run:
             raise ValueError("plot loss: pass --run DIR (one or more)")
         return plot_loss_curves(args.run, smooth=args.smooth, log_y=args.log_y)
     if args.what == "attention":
-        from minglm.generate import load_run
-        from viz.attention import plot_attention_weights
-        from viz.examples import run_sample
-
         if not args.run:
             raise ValueError("plot attention: pass --run DIR (a trained run with a checkpoint)")
         model, _ = load_run(args.run[0])
@@ -124,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.what == "run":
-            from viz.run import save_run_plots
-
             if not args.run:
                 raise ValueError("plot run: pass --run DIR")
             for p in save_run_plots(args.run[0], seed=args.seed, dpi=args.dpi):
@@ -143,7 +134,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(out)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

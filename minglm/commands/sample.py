@@ -1,6 +1,7 @@
 """``python -m minglm sample``: print one blank-infilling sample of a corpus (Part A, Part B, positions, mask).
 
-The quickest way to see what the model is trained on, for Shakespeare or for your own folder of text.
+The quickest way to see what the model is trained on, for Shakespeare or for your own folder of text. The table
+itself is ``minglm.data.describe``; this command only picks the corpus, objective and seed.
 """
 
 from __future__ import annotations

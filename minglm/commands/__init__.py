@@ -1,0 +1,54 @@
+"""The command line, ``python -m minglm <command> ...``: the app layer on top of the library.
+
+One module per command, each with ``main(argv) -> exit code``:
+
+    train      minglm/commands/train.py     train a GLM (the main job; no arguments = Shakespeare on the CPU)
+    fill       minglm/commands/fill.py      fill [MASK] / [sMASK] / [gMASK] blanks with a trained run
+    finetune   minglm/commands/finetune.py  cloze fine-tuning (genre of a Shakespeare passage), full and LoRA
+    sample     minglm/commands/sample.py    print one sample of a corpus: Part A, Part B, positions, mask
+    plot       minglm/commands/plot.py      pictures: mask, positions, spans, loss, attention
+    export     minglm/commands/export.py    a run's weights as .npz under the official GLM (or SAT) names
+    bench      minglm/commands/bench.py     benchmarks: ops | data | train | generate | attention
+
+This layer owns what a library function should not: argparse, run folders, printing, demonstrations and plots
+(it is the only part of the package that imports ``viz``). The library below it never imports a command.
+Modules are imported only when their command runs, so ``python -m minglm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from minglm.backend import tune_malloc
+
+COMMANDS = {
+    "train": "train a GLM (no arguments: the default config on Shakespeare, CPU)",
+    "fill": "fill the blanks of a text with a trained run",
+    "finetune": "cloze fine-tuning on the Shakespeare genre task (full and LoRA)",
+    "sample": "print one blank-infilling sample of a corpus: Part A, Part B, positions, mask",
+    "plot": "draw masks, positions, span lengths, loss curves, attention weights",
+    "export": "write a run's weights under the official GLM or SAT parameter names",
+    "bench": "benchmarks: ops | data | train | generate | attention",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m minglm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, help_ in COMMANDS.items()]
+    lines += ["", "Run `python -m minglm <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"minglm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    tune_malloc()  # fewer page faults from the large per-step temporaries (see its docstring)
+    module = importlib.import_module(f"minglm.commands.{command}")
+    return int(module.main(rest) or 0)

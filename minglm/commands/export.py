@@ -1,0 +1,31 @@
+"""``python -m minglm export RUN``: a run's weights as one .npz under the official GLM or SAT parameter names.
+
+The renaming is ``minglm.interop``; this command loads the run, writes the file, and prints the sizes that an
+official or SAT model config needs to read it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from minglm import interop
+from minglm.generate import load_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minglm export RUN [--out FILE.npz] [--layout official|sat]``: a run's latest weights, renamed."""
+    parser = argparse.ArgumentParser(prog="python -m minglm export",
+                                     description="Write a run's weights under the official GLM or SAT names.")
+    parser.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint .npz")
+    parser.add_argument("--out", default=None, help="output .npz (default: <run>/glm_<layout>.npz)")
+    parser.add_argument("--layout", choices=("official", "sat"), default="official")
+    args = parser.parse_args(argv)
+    model, _ = load_run(args.run)
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
+    out = interop.save(model, args.out or run_dir / f"glm_{args.layout}.npz", args.layout)
+    c = model.config
+    print(f"wrote {out}: {len(model.state_dict())} tensors in the {args.layout} layout "
+          f"(SAT: num_layers={c.n_layer}, hidden_size={c.d_model}, num_attention_heads={c.n_head}, "
+          f"vocab_size={c.vocab_size}, max_sequence_length={c.max_len + 1})")
+    return 0
