@@ -42,7 +42,8 @@ import viz
 from minglm import exercises
 from minglm.commands import train as train_command
 from minglm.data import Sample
-from minglm.generate import Sampling, build_context, fill, format_steps, load_run, recompute_logits
+from minglm.generate import Sampling, build_context, fill, format_steps, recompute_logits
+from minglm.runs import load_run
 
 FAST = os.environ.get("MINGLM_FAST", "1") == "1"
 RUNS = Path(os.environ.get("MINGLM_RUNS", "runs"))  # where run folders live (`python -m minglm train --out`)

@@ -12,6 +12,7 @@ record: a crash before it leaves no JSON (the pair is ignored), and a crash that
 torn npz is caught by the SHA-256. ``load_checkpoint`` checks the hash, the array names, shapes and dtypes, and
 (when asked) the config and vocabulary *before* returning anything, so a caller never half-loads a model.
 
+A model and its tokenizer are loaded from a run folder by ``minglm.runs.load_run``, built on ``load_checkpoint``.
 Left out: sharded checkpoints, safetensors, async saving and cloud storage. Reference: TOOLING.md (checkpoints).
 """
 
@@ -273,22 +274,3 @@ def load_checkpoint(path_or_dir, expect: dict | None = None, expect_arrays: dict
                 raise CheckpointError(f"load_checkpoint: array {k!r} has shape {tuple(arrays[k].shape)} in "
                                       f"{json_path.name}, expected {tuple(shape)}")
     return Checkpoint(step=int(record["step"]), arrays=arrays, meta=meta, path=json_path, info=record)
-
-
-def load_model(path_or_dir, rng=None):
-    """A GLM rebuilt from a training checkpoint: its config from the record's meta, its weights from ``model/*``.
-
-    Used by ``minglm.generate.load_run``. Everything is verified (hash, names, shapes) before the model is built.
-    """
-    from minglm.model import GLM, GLMConfig  # the checkpoint format itself does not depend on the model
-
-    ckpt = load_checkpoint(path_or_dir)
-    if "model_config" not in ckpt.meta:
-        raise CheckpointError(f"load_model: {ckpt.path.name} has no model_config in its meta")
-    model = GLM(GLMConfig.from_dict(ckpt.meta["model_config"]), rng or np.random.default_rng(0))
-    state = {k[len("model/"):]: v for k, v in ckpt.arrays.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"load_model: {ckpt.path.name} does not fit its own config ({e})") from e
-    return model

@@ -24,16 +24,14 @@ script has none of them either).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from minglm.backend import device_xp, get_xp, to_numpy
+from minglm.backend import get_xp, to_numpy
 from minglm.tensor import no_grad
 
 # The blank markers a user may type (the same three the tokenizer turns into special ids).
@@ -482,83 +480,6 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
         block_position_ids=block_ids,
         steps=steps,
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading a trained run
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> Path:
-    found = []
-    for p in ckpt_dir.glob("step_*.npz"):
-        m = re.fullmatch(r"step_(\d+)\.npz", p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise FileNotFoundError(f"load_run: no checkpoint step_N.npz in {ckpt_dir}")
-    return max(found)[1]
-
-
-def resolve_run(path) -> tuple[Path, Path]:
-    """(run folder, checkpoint .npz) for a run folder (its latest checkpoint) or a checkpoint file."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"load_run: no such run folder or checkpoint: {str(path)!r}")
-    if p.is_dir():
-        ckpt_dir = p / "ckpt"
-        if not ckpt_dir.is_dir():
-            raise FileNotFoundError(f"load_run: {str(path)!r} is not a run folder (it has no ckpt/ folder)")
-        from minglm.checkpoint import latest_checkpoint
-
-        record = latest_checkpoint(ckpt_dir)  # the newest step_N.json whose npz verifies
-        return p, (record.with_suffix(".npz") if record is not None else _latest_checkpoint(ckpt_dir))
-    if p.suffix == ".json" and p.with_suffix(".npz").exists():
-        p = p.with_suffix(".npz")
-    if p.suffix != ".npz":
-        raise FileNotFoundError(f"load_run: {str(path)!r} is neither a run folder nor a checkpoint .npz")
-    return p.parent.parent, p
-
-
-def load_run(path, device: str = "cpu"):
-    """Load (model, tokenizer) from a run folder (``runs/<name>``: its latest checkpoint) or one checkpoint
-    (``runs/<name>/ckpt/step_N.npz`` or ``.json``). A checkpoint with its JSON record is verified by
-    ``minglm.checkpoint.load_checkpoint`` (SHA-256, names, shapes); the model config comes from the run's
-    config.json (``{"model": {...}}``). ``device``: "cpu", "gpu" or "auto"."""
-    from minglm.model import GLM, GLMConfig
-    from minglm.tokenizer import load_tokenizer
-
-    run_dir, ckpt = resolve_run(path)
-    for need in ("tokenizer.json", "config.json"):
-        if not (run_dir / need).exists():
-            raise FileNotFoundError(f"load_run: the run folder {str(run_dir)!r} has no {need}")
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    cfg = json.loads((run_dir / "config.json").read_text())
-    config = GLMConfig.from_dict(cfg["model"] if "model" in cfg else cfg)
-    record = ckpt.with_suffix(".json")
-    if record.exists():
-        from minglm.checkpoint import load_checkpoint
-
-        arrays = load_checkpoint(record).arrays
-    else:
-        with np.load(ckpt, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    model = GLM(config, np.random.default_rng(0))
-    model.load_state_dict(model_arrays(arrays, [k for k, _ in model.named_parameters()], ckpt))
-    model.eval()
-    if device_xp(device) is not np:
-        model.to("gpu")
-    return model, tokenizer
-
-
-def model_arrays(arrays: dict, names: list[str], where) -> dict:
-    """The model's parameters out of a checkpoint's arrays, whether stored bare (``layers.0...``) or under a prefix
-    such as ``model.`` / ``model/`` (beside optimizer state)."""
-    for prefix in ("", "model.", "model/", "params.", "params/"):
-        if all(prefix + n in arrays for n in names):
-            return {n: arrays[prefix + n] for n in names}
-    missing = [n for n in names if n not in arrays][:5]
-    raise ValueError(f"load_run: {where} does not hold this model's parameters (missing e.g. {missing})")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 
 from minglm import interop
 from minglm.commands import main
+from minglm.runs import load_run
 
 
 def test_usage_and_unknown_command(capsys):
@@ -42,8 +43,6 @@ def test_export_writes_official_names_that_load_back(tmp_path, capsys):
     weights = interop.load_npz(out)
     assert "word_embeddings.weight" in weights and "transformer.final_layernorm.bias" in weights
     assert interop.detect_layout(weights) == "official"
-    from minglm.generate import load_run
-
     model, _ = load_run(tmp_path / "r")
     before = {k: v.copy() for k, v in model.state_dict().items()}
     interop.load(model, out)

@@ -11,6 +11,7 @@ import minglm.functional as F
 from minglm import finetune as FT
 from minglm.commands import finetune as finetune_command
 from minglm.model import GLM, GLMConfig
+from minglm.runs import save_run
 from minglm.tensor import Tensor, no_grad
 from minglm.tokenizer import CharTokenizer
 
@@ -180,10 +181,7 @@ def test_cli_on_a_small_run(tmp_path, capsys):
     model = GLM(GLMConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_len=64),
                 np.random.default_rng(0))
     run = tmp_path / "run"
-    (run / "ckpt").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"model": model.config.to_dict()}))
-    tok.save(run / "tokenizer.json")
-    np.savez(run / "ckpt" / "step_1.npz", **{f"model/{k}": v for k, v in model.state_dict().items()})
+    save_run(model, tok, run, step=1)
     out = tmp_path / "res.json"
     code = finetune_command.main(["--run", str(run), "--n-train", "30", "--n-test", "15", "--steps", "2",
                                   "--batch-size", "4", "--chars", "40", "--json", str(out),

@@ -10,6 +10,7 @@ import pytest
 from minglm.checkpoint import CheckpointError
 from minglm.commands.train import main
 from minglm.config import TrainConfig
+from minglm.runs import load_run
 from minglm.train import Trainer, _progress_disabled
 
 WORDS = ("the king queen lord lady good night sweet love death fair heart sword crown blood honour gentle noble "
@@ -68,8 +69,6 @@ def test_cli_smoke_run_writes_the_run_folder(corpus_dir, tmp_path):
     assert summary["unigram_loss"] > 0 and summary["val_loss"] == log[5]["val_loss"]
     assert len(summary["fills"]) == 2 and all("[MASK]" in f["text"] for f in summary["fills"])
     # the fill command loads the run folder this wrote
-    from minglm.generate import load_run
-
     model, tokenizer = load_run(run)
     assert model.config.d_model == 32 and tokenizer.vocab_size == config["model"]["vocab_size"]
 

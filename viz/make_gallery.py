@@ -21,13 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
+import minglm
+import minglm.functional as F
+import viz
+from minglm.commands.train import main as train_main
+from minglm.data.corpus import load_corpus
+from minglm.runs import load_run
+from minglm.tokenizer import CharTokenizer
+from viz.examples import corpus_excerpt
+from viz.graph import draw_graph
+from viz.style import cjk_font_name
+
 GALLERY = Path(__file__).resolve().parent / "gallery"
 
 
 def train_tiny_run(out: Path, steps: int = 60) -> Path:
     """Train the tiny config for `steps` steps into out/gallery (the trainer's own CLI) and return the run folder."""
-    from minglm.commands.train import main as train_main
-
     rc = train_main(["--steps", str(steps), "--objective", "glm-10b", "--eval-every", "20", "--ckpt-every", "30",
                      "--out", str(out), "--name", "gallery", "--inject-nan-at", "40", "--quiet"])
     if rc != 0:
@@ -36,11 +45,6 @@ def train_tiny_run(out: Path, steps: int = 60) -> Path:
 
 
 def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: int = 100) -> list[Path]:
-    import viz
-    from minglm.data.corpus import load_corpus
-    from minglm.tokenizer import CharTokenizer
-    from viz.examples import corpus_excerpt
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
@@ -68,8 +72,6 @@ def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: 
         save(f"infill_{mode}", viz.plot_blank_infilling(batch, tok, title=f"Blank infilling of Shakespeare, {mode} "
                                                                         "level (GLM-10B mixture)"))
     # Chinese: a public-domain poem (Li Bai), drawn only where a CJK font is installed (see viz/style.py)
-    from viz.style import cjk_font_name
-
     if cjk_font_name() is not None:
         poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
         zh, zh_tok = viz.sample_from_text(poem, objective="glm-10b", seed=2, mode="token")
@@ -91,8 +93,6 @@ def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: 
             run = train_tiny_run(Path(tmp), steps)
             print(f"trained a {steps}-step tiny run in {time.perf_counter() - t0:.0f} s: {run}")
         save("loss_curves", viz.plot_loss_curves(run, smooth=0.6))
-        from minglm.generate import load_run
-
         model, run_tok = load_run(run)
         sample, _ = viz.sample_from_text(text[:40], run_tok, objective="glm-base", seed=seed)
         last = model.config.n_layer - 1
@@ -105,10 +105,6 @@ def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: 
 
 
 def _graph_figure(seed: int):
-    import minglm
-    import minglm.functional as F
-    from viz.graph import draw_graph
-
     rng = np.random.default_rng(seed)
     x = minglm.tensor(rng.standard_normal((4, 8)).astype(np.float32))
     wq, wk, wv = (minglm.tensor(0.1 * rng.standard_normal((8, 8)).astype(np.float32), requires_grad=True)

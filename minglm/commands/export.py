@@ -7,10 +7,9 @@ official or SAT model config needs to read it back.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from minglm import interop
-from minglm.generate import load_run
+from minglm.runs import load_run, resolve_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output .npz (default: <run>/glm_<layout>.npz)")
     parser.add_argument("--layout", choices=("official", "sat"), default="official")
     args = parser.parse_args(argv)
-    model, _ = load_run(args.run)
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
+    model, _ = load_run(args.run)  # checked against config.json: the sizes printed below are the trained ones
+    run_dir, _ = resolve_run(args.run)
     out = interop.save(model, args.out or run_dir / f"glm_{args.layout}.npz", args.layout)
     c = model.config
     print(f"wrote {out}: {len(model.state_dict())} tensors in the {args.layout} layout "

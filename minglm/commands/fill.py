@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from minglm.generate import Sampling, fill, format_steps, load_run
+from minglm.generate import Sampling, fill, format_steps
+from minglm.runs import load_run
 
 
 def main(argv: list[str] | None = None) -> int:

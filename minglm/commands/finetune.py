@@ -18,18 +18,8 @@ import numpy as np
 
 from minglm.commands import train as train_command
 from minglm.finetune import DEFAULT_PATTERN, GENRES, ClozeScorer, ClozeTask, finetune, genre_task
-from minglm.generate import load_run
 from minglm.lora import apply_lora, lora_summary, save_lora
-
-
-def latest_run(out: str | Path = "runs") -> Path | None:
-    """The most recently modified run folder under ``out`` that has a checkpoint, or None."""
-    out = Path(out)
-    if not out.is_dir():
-        return None
-    runs = [p for p in out.iterdir() if p.is_dir() and (p / "tokenizer.json").exists() and any((p / "ckpt").glob(
-        "step_*.npz"))]
-    return max(runs, key=lambda p: max(f.stat().st_mtime for f in (p / "ckpt").glob("step_*.npz")), default=None)
+from minglm.runs import load_run, newest_run
 
 
 def _train_quick_run(out: Path, steps: int, say) -> Path:
@@ -84,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     say = print
     t_start = time.perf_counter()
-    run = Path(args.run) if args.run else latest_run(args.out)
+    run = Path(args.run) if args.run else newest_run(args.out)
     if run is None:
         run = _train_quick_run(Path(args.out), args.pretrain_steps, say)
     model, tokenizer = load_run(run)

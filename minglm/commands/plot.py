@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minglm.generate import load_run
+from minglm.runs import load_run
 from minglm.tokenizer import load_tokenizer
 from viz.attention import plot_attention_weights
 from viz.curves import plot_loss_curves

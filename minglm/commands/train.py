@@ -32,8 +32,9 @@ from minglm.data.objectives import GLM_PRESETS
 from minglm.generate import Sampling, fill
 from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
+from minglm.runs import run_meta
 from minglm.tensor import Tensor
-from minglm.tokenizer import CharTokenizer, load_tokenizer, tokenizer_record
+from minglm.tokenizer import CharTokenizer, load_tokenizer
 from minglm.train import Trainer, unigram_baseline
 
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
@@ -242,7 +243,6 @@ def _run(args, t_main: float) -> int:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     else:
         tokenizer = CharTokenizer.from_texts(corpus.docs)
-    tok_json, vocab_sha = tokenizer_record(tokenizer)
     train_ids, val_ids = encode_corpus(corpus, tokenizer)
     if not val_ids:
         raise ValueError(f"corpus {cfg.corpus!r} has no validation documents (it needs at least two documents)")
@@ -278,9 +278,8 @@ def _run(args, t_main: float) -> int:
         for b in iter_eval_batches(val_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
                                    seed=VAL_SEED, max_batches=cfg.eval_batches, mode=mode, **data_kw):
             val_batches.append((b.objective, b))
-    meta = {"model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "vocab_sha256": vocab_sha,
-            "vocab_size": tokenizer.vocab_size, "tokenizer": tok_json}
-    expect = {"model_config": mcfg.to_dict(), "vocab_sha256": vocab_sha}
+    meta = {**run_meta(mcfg, tokenizer), "train_config": cfg.to_dict()}
+    expect = {"model_config": meta["model_config"], "vocab_sha256": meta["vocab_sha256"]}
     spike = _steps_list(args.inject_spike_at, "--inject-spike-at")
     nan = _steps_list(args.inject_nan_at, "--inject-nan-at")
     trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=run_dir / "ckpt",
