@@ -42,31 +42,81 @@ def relu(x: Tensor) -> Tensor:
 _GELU_C = math.sqrt(2.0 / math.pi)  # 0.79788456...
 
 
-def _erf(x):
-    """erf in float64 without scipy, to about 1e-15.
+# erf: NumPy has none. float64 uses the rational approximations of fdlibm's s_erf.c (Sun Microsystems, 1993; the
+# one most C libraries and Go's math.Erf descend from), accurate to about 1 ulp; float32 (the training path) uses
+# the branch-free erfc of Numerical Recipes §6.2 (one exp, |error| < 1.2e-7 in exact arithmetic, under 4e-7 in
+# float32), about 6x faster than the masked float64 regions. Both are tested against math.erf.
+_ERX = 8.45062911510467529297e-01  # erf(1) rounded to float precision: [0.84375, 1.25) approximates erf(x) − erx
+_ERF_PP = (1.28379167095512558561e-01, -3.25042107247001499370e-01, -2.84817495755985104766e-02,
+           -5.77027029648944159157e-03, -2.37630166566501626084e-05)  # |x| < 0.84375: erf = x + x·P(x²)/Q(x²)
+_ERF_QQ = (1.0, 3.97917223959155352819e-01, 6.50222499887672944485e-02, 5.08130628187576562776e-03,
+           1.32494738004321644526e-04, -3.96022827877536812320e-06)
+_ERF_PA = (-2.36211856075265944077e-03, 4.14856118683748331666e-01, -3.72207876035701323847e-01,
+           3.18346619901161753674e-01, -1.10894694282396677476e-01, 3.54783043256182359371e-02,
+           -2.16637559486879084300e-03)  # 0.84375 <= |x| < 1.25: erf = erx + P(s)/Q(s), s = |x| − 1
+_ERF_QA = (1.0, 1.06420880400844228286e-01, 5.40397917702171048937e-01, 7.18286544141962662868e-02,
+           1.26171219808761642112e-01, 1.36370839120290507362e-02, 1.19844998467991074170e-02)
+_ERF_RA = (-9.86494403484714822705e-03, -6.93858572707181764372e-01, -1.05586262253232909814e+01,
+           -6.23753324503260060396e+01, -1.62396669462573470355e+02, -1.84605092906711035994e+02,
+           -8.12874355063065934246e+01, -9.81432934416914548592e+00)  # 1.25 <= |x| < 1/0.35: erfc, s = 1/x²
+_ERF_SA = (1.0, 1.96512716674392571292e+01, 1.37657754143519042600e+02, 4.34565877475229228821e+02,
+           6.45387271733267880336e+02, 4.29008140027567833386e+02, 1.08635005541779435134e+02,
+           6.57024977031928170135e+00, -6.04244152148580987438e-02)
+_ERF_RB = (-9.86494292470009928597e-03, -7.99283237680523006574e-01, -1.77579549177547519889e+01,
+           -1.60636384855821916062e+02, -6.37566443368389627722e+02, -1.02509513161107724954e+03,
+           -4.83519191608651397019e+02)  # |x| >= 1/0.35: erfc, s = 1/x² (erf is 1 from |x| = 6 on)
+_ERF_SB = (1.0, 3.03380607434824582924e+01, 3.25792512996573918826e+02, 1.53672958608443695994e+03,
+           3.19985821950859553908e+03, 2.55305040643316442583e+03, 4.74528541206955367215e+02,
+           -2.24409524465858183362e+01)
+_ERFC_NR = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+            -0.82215223, 0.17087277)  # erfc(a) = t·exp(−a² + Σ c_i tⁱ), t = 1/(1 + a/2)
 
-    |x| <= 3: the Maclaurin series erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1)), 80 terms (the largest term at x = 3
-    is about 1e3, so about 13 digits survive the cancellation).
-    |x| > 3: erfc from its continued fraction erfc(x) = e^(-x²)/√π · 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))),
-    evaluated bottom-up from 60 levels, which has converged far beyond float64 for x > 3.
-    """
+
+def _horner(coeffs, s):
+    """c0 + c1·s + c2·s² + ... by Horner's rule, in s's dtype."""
+    xp = get_xp(s)
+    out = xp.full_like(s, coeffs[-1])
+    for c in coeffs[-2::-1]:
+        out *= s
+        out += c
+    return out
+
+
+def _erf(x):
+    """erf(x) elementwise, in x's dtype for float32 and float64 (see the coefficient tables above)."""
     xp = get_xp(x)
-    x = x.astype(np.float64)
-    small = xp.abs(x) <= 3.0
-    xs = xp.where(small, x, 0.0)
-    x2 = xs * xs
-    term = xs.copy()  # x^(2n+1) (-1)^n / n!
-    total = xs.copy()
-    for n in range(1, 80):
-        term *= -x2 / n
-        total += term / (2 * n + 1)
-    erf_small = total * (2.0 / math.sqrt(math.pi))
-    xl = xp.where(small, 3.0, xp.abs(x))
-    frac = xl.copy()
-    for k in range(60, 0, -1):
-        frac = xl + (k / 2.0) / frac
-    erfc_large = xp.exp(-xl * xl) / (math.sqrt(math.pi) * frac)
-    return xp.where(small, erf_small, xp.sign(x) * (1.0 - erfc_large))
+    if x.dtype != np.float64:  # float32 (and float16): the branch-free form, computed in float32
+        a = xp.abs(x).astype(np.float32)
+        t = 1.0 / (1.0 + 0.5 * a)
+        p = _horner(_ERFC_NR, t)
+        p -= a * a
+        xp.exp(p, out=p)
+        p *= t  # erfc(|x|)
+        return xp.copysign(1.0 - p, x.astype(np.float32)).astype(x.dtype, copy=False)
+    a = xp.abs(x)
+    out = xp.empty_like(a)
+    flat, af = out.reshape(-1), a.reshape(-1)
+    near_one = (a >= 0.84375) & (a < 1.25)
+    for region, mask in enumerate((a < 0.84375, near_one, (a >= 1.25) & (a < 1 / 0.35), ~(a < 1 / 0.35))):
+        idx = xp.flatnonzero(mask)  # the last mask is "not below": NaN lands there and stays NaN
+        if idx.size == 0:
+            continue
+        t = af[idx]
+        if region == 0:
+            z = t * t
+            flat[idx] = t + t * (_horner(_ERF_PP, z) / _horner(_ERF_QQ, z))
+        elif region == 1:
+            s = t - 1.0
+            flat[idx] = _ERX + _horner(_ERF_PA, s) / _horner(_ERF_QA, s)
+        else:
+            t = xp.minimum(t, 6.0)
+            s = 1.0 / (t * t)
+            r = _horner(_ERF_RA, s) / _horner(_ERF_SA, s) if region == 2 else _horner(_ERF_RB, s) / _horner(_ERF_SB, s)
+            # exp(−t²) split as exp(−z² − 0.5625)·exp((z − t)(z + t) + r/s) with z = t cut to its top 32 bits, so
+            # that z² is exact (fdlibm's trick against the rounding error of t² for large t)
+            z = (t.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)
+            flat[idx] = 1.0 - xp.exp(-z * z - 0.5625) * xp.exp((z - t) * (z + t) + r) / t
+    return xp.copysign(out, x)
 
 
 class GeLUTanh(Function):
@@ -676,7 +726,7 @@ def _use_flash(q, Tq: int, Tk: int, has_mask: bool, dropout_p: float, impl: str)
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask=None, scale: float | None = None,
                                  dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                                 impl: str | None = None) -> Tensor:
+                                 impl: str | None = None, softmax_coeff: float | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v over (B, H, T, D) tensors, with GLM's mask when ``sep`` (B,) is given.
 
     - ``sep``: key j is visible to query i when j < sep[b] or j <= i (GLM-REFERENCE §3). When q is shorter than k,
@@ -685,6 +735,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
     - ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities (needs ``rng``).
     - ``impl``: "plain" forces the reference path; "flash" the tiled kernel/twin; default MINGLM_ATTENTION or auto
       (the kernel on CuPy, the twin on CPU for long sequences, see ``kernels.TWIN_MIN_T``).
+    - ``softmax_coeff``: GLM-130B's FP32 softmax with this per-layer coefficient c (``FP32SoftmaxAttention``; the
+      plain path only).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -703,7 +755,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
             raise ValueError(f"scaled_dot_product_attention: sep has {sep.shape[0]} entries for a batch of {B}")
         if sep.shape[0] == 1 and B > 1:
             sep = xp.broadcast_to(sep, (B,))
-    if _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl or attention_impl()) and sep is not None:
+    flash = _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl or attention_impl())
+    if flash and sep is not None and softmax_coeff is None:
         return FlashAttention.apply(q, k, v, sep, scale)
     allowed = None
     if sep is not None:
@@ -718,4 +771,171 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
         keep = (rng.random((B, H, Tq, Tk), dtype=np.float32) >= dropout_p).astype(q.dtype)
         keep *= np.asarray(1.0 / (1.0 - dropout_p), q.dtype)
         keep = to_device(keep, xp)
+    if softmax_coeff is not None:
+        return FP32SoftmaxAttention.apply(q, k, v, allowed, scale, float(softmax_coeff), keep)
     return Attention.apply(q, k, v, allowed, scale, keep)
+
+
+# --- GLM-130B's ops (Zeng et al. 2022, "GLM-130B", §2.1-§3 and App. B) -------------------------------------------
+
+
+class GeGLU(Function):
+    """GLM-130B's gated FFN activation (§2.1): split u (..., 2F) into halves [a | b] and return a ⊙ GeLU(b).
+
+    The *second* half is the gate and the GeLU is the exact erf one, as in SAT's ``glm130B_model.py`` (``GEGLU``:
+    ``x1, x2 = x.chunk(2); x1 * F.gelu(x2)``). With Φ the normal CDF and φ its density:
+        da = g ⊙ b·Φ(b),   db = g ⊙ a ⊙ (Φ(b) + b·φ(b)).
+    """
+
+    @staticmethod
+    def forward(ctx, u):
+        xp = get_xp(u)
+        if u.shape[-1] % 2:
+            raise ValueError(f"geglu: the last dim holds two halves and must be even, got shape {u.shape}")
+        half = u.shape[-1] // 2
+        a, b = u[..., :half], u[..., half:]
+        cdf = (0.5 * (1.0 + _erf(b * (1.0 / math.sqrt(2.0))))).astype(u.dtype, copy=False)
+        gelu_b = b * cdf
+        ctx.a, ctx.b, ctx.cdf, ctx.gelu_b = a, b, cdf, gelu_b
+        return xp.multiply(a, gelu_b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        a, b = ctx.a, ctx.b
+        pdf = xp.exp(-0.5 * b * b) * (1.0 / math.sqrt(2.0 * math.pi))
+        da = grad * ctx.gelu_b
+        db = grad * a * (ctx.cdf + b * pdf)
+        return (xp.concatenate([da, db], axis=-1),)
+
+
+def geglu(u: Tensor) -> Tensor:
+    """a ⊙ GeLU_erf(b) for u = [a | b] on the last dim: (..., 2F) -> (..., F)."""
+    return GeGLU.apply(u)
+
+
+def _rotate_half(x, groups: int):
+    """In each of ``groups`` equal chunks of the last dim, [x1 | x2] -> [−x2 | x1] (GPT-NeoX's ``rotate_half``)."""
+    xp = get_xp(x)
+    shape = x.shape
+    xg = x.reshape(shape[:-1] + (groups, 2, shape[-1] // (2 * groups)))  # (..., groups, 2, d/2)
+    out = xp.empty_like(xg)
+    xp.negative(xg[..., 1, :], out=out[..., 0, :])
+    out[..., 1, :] = xg[..., 0, :]
+    return out.reshape(shape)
+
+
+class RoPE(Function):
+    """Rotary position embedding (Su et al. 2021) in the rotate-half layout of GPT-NeoX and SAT.
+
+    out = x ⊙ cos + rot(x) ⊙ sin, with rot([x1 | x2]) = [−x2 | x1] inside each of ``groups`` chunks of the last dim:
+    dims i and i + d/2 of a chunk form a pair, rotated by the angle in cos/sin (see ``rotary_tables``). It is the
+    paper's complex rotation (x_i + i·x_{i+d/2})·e^{iθ} with the dims permuted. rot is a 90° rotation, so rotᵀ = −rot:
+        dx = g ⊙ cos − rot(g ⊙ sin).
+    x (B, nh, T, hs); cos, sin (B, 1, T, hs) are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, groups=1):
+        if x.shape[-1] % (2 * groups):
+            raise ValueError(f"rope: the head size {x.shape[-1]} must split into {groups} chunk(s) of even size")
+        ctx.cos, ctx.sin, ctx.groups = cos, sin, groups
+        out = x * cos
+        out += _rotate_half(x, groups) * sin
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = grad * ctx.cos
+        dx -= _rotate_half(grad * ctx.sin, ctx.groups)
+        return dx, None, None
+
+
+def rotary_tables(ids: list, head_size: int, dtype=np.float32, base: float = 10000.0):
+    """cos and sin (B, 1, T, hs) that rotate each head by the ids: one (B, T) id array per chunk of the head.
+
+    ``[position_ids]`` is GLM-130B's 1-D RoPE (App. B.3); ``[position_ids, block_position_ids]`` the 2-D RoPE of SAT's
+    ``glm130B_model.py`` (``--position-encoding-2d``): the first half of every head turns with the position, the
+    second with the block id, each with a RoPE of dim hs/2. A chunk of dim d uses θ_i = base^(−2i/d), i < d/2, laid
+    out [θ | θ] (rotate-half). Angles are computed in float64 and cast to ``dtype``.
+    """
+    xp = get_xp(ids[0])
+    groups = len(ids)
+    if head_size % (2 * groups):
+        raise ValueError(f"rotary_tables: head size {head_size} must split into {groups} chunk(s) of even size")
+    d = head_size // groups
+    inv_freq = 1.0 / base ** (xp.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+    chunks = []
+    for chunk_ids in ids:
+        angles = xp.asarray(chunk_ids).astype(np.float64)[..., None] * inv_freq  # (B, T, d/2)
+        chunks += [angles, angles]
+    emb = xp.concatenate(chunks, axis=-1)[:, None]  # (B, 1, T, hs)
+    return xp.cos(emb).astype(dtype), xp.sin(emb).astype(dtype)
+
+
+def rope(x: Tensor, cos, sin, groups: int = 1) -> Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by the tables of ``rotary_tables``."""
+    return RoPE.apply(x, cos, sin, groups=groups)
+
+
+class GradScale(Function):
+    """Identity forward, gradient times ``alpha`` backward: GLM-130B's embedding gradient shrink (EGS, §3).
+
+    The paper writes it ``word_embedding = word_embedding * alpha + word_embedding.detach() * (1 - alpha)``; the
+    value is unchanged and only alpha of the gradient flows back. On purpose this is *not* the derivative of the
+    forward, so its gradient check expects alpha times central differences (``gradcheck(..., factor=alpha)``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha=1.0):
+        ctx.alpha = alpha
+        return x.copy()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.alpha,)
+
+
+def grad_scale(x: Tensor, alpha: float) -> Tensor:
+    return GradScale.apply(x, alpha=float(alpha))
+
+
+class FP32SoftmaxAttention(Function):
+    """GLM-130B's attention scores (§3, "FP32 softmax with QKV scaling"; SAT ``glm130B_model.py``,
+    ``SelfAttentionWithFP32SoftmaxMixin.attention_fn``).
+
+    q is divided by √D·c with c = layer + 1 *before* q kᵀ, so the scores are computed c times smaller in the
+    activation dtype (float16 there, where plain scores of a deep layer overflow 65504); they are then cast to at
+    least float32, multiplied back by c, masked and softmaxed there, and the probabilities cast back. In exact
+    arithmetic softmax(c·(q/(√D·c)) kᵀ) = softmax(q kᵀ/√D): the op equals ``Attention``, only the rounding moves.
+    Backward as ``Attention``, with s = c·(q̃ kᵀ), q̃ = q·scale/c: dq = ds k·scale, dk = dsᵀ q̃·c.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale, coeff, keep=None):
+        xp = get_xp(q)
+        acc = np.promote_types(q.dtype, np.float32)  # the softmax dtype: float32, or float64 for gradient checks
+        qs = q * (scale / coeff)  # (B, H, Tq, D) in the activation dtype
+        s = (qs @ xp.swapaxes(k, -1, -2)).astype(acc)  # (B, H, Tq, Tk), computed in the activation dtype
+        s *= coeff
+        if allowed is not None:
+            xp.copyto(s, np.finfo(acc).min, where=~xp.asarray(allowed, dtype=bool))
+        p = _softmax_array(s, -1).astype(q.dtype, copy=False)
+        pk = p * keep if keep is not None else p
+        ctx.qs, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale, ctx.coeff, ctx.acc = qs, k, v, p, keep, scale, coeff, acc
+        return pk @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = get_xp(grad)
+        p, keep = ctx.p, ctx.keep
+        pk = p * keep if keep is not None else p
+        dv = xp.swapaxes(pk, -1, -2) @ grad
+        dp = (grad @ xp.swapaxes(ctx.v, -1, -2)).astype(ctx.acc)  # (B, H, Tq, Tk)
+        if keep is not None:
+            dp *= keep
+        pa = p.astype(ctx.acc, copy=False)
+        ds = (pa * (dp - _rowdot(dp, pa, -1))).astype(grad.dtype, copy=False)
+        dq = (ds @ ctx.k) * ctx.scale
+        dk = (xp.swapaxes(ds, -1, -2) @ ctx.qs) * ctx.coeff
+        return dq, dk, dv, None, None, None, None

@@ -30,12 +30,14 @@ def _outputs(result) -> list[Tensor]:
 
 
 def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-5, seed: int = 0,
-              name: str | None = None, upstream=None) -> bool:
+              name: str | None = None, upstream=None, factor: float = 1.0) -> bool:
     """Check ``fn``'s gradients w.r.t. every input with ``requires_grad`` by float64 central differences.
 
     ``inputs`` are Tensors (those with requires_grad must be float64) or other arguments passed through unchanged.
     ``upstream`` optionally fixes the upstream gradients (a list, one per output); by default they are drawn from a
     standard normal with ``seed``. Returns True, or raises GradcheckError with the first mismatch.
+    ``factor``: the analytic gradient must equal factor × the numeric one. Only an op whose backward scales the
+    gradient on purpose uses it (``F.grad_scale``, GLM-130B's embedding gradient shrink); everything else keeps 1.
     """
     op = name or getattr(fn, "__name__", "fn")
     checked = [i for i, x in enumerate(inputs) if isinstance(x, Tensor) and x.requires_grad]
@@ -86,7 +88,7 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
             flat[j] = orig - eps
             f_minus = objective()
             flat[j] = orig
-            numeric = (f_plus - f_minus) / (2 * eps)
+            numeric = (f_plus - f_minus) / (2 * eps) * factor
             a = float(analytic.reshape(-1)[j])
             if not abs(a - numeric) <= atol + rtol * abs(numeric):
                 index = np.unravel_index(j, x.shape)

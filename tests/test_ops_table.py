@@ -68,6 +68,7 @@ class Row:
     fwd_rtol: float = 1e-10
     fwd_atol: float = 1e-12
     needs_kernels: bool = False
+    grad_factor: float = 1.0  # the backward is this times the forward's derivative (only GradScale: EGS)
 
 
 def randn(rng, *shape):
@@ -152,6 +153,29 @@ def attention_ref(q, k, v, sep=None, mask=None, scale=None, keep=None):
     if keep is not None:
         p = p * keep
     return p @ v  # (B, H, Tq, D)
+
+
+def geglu_ref(u):
+    a, b = np.split(u, 2, axis=-1)
+    return a * gelu_exact_ref(b)
+
+
+def rope_complex_ref(x, *ids, base=10000.0):
+    """RoPE as the paper writes it: in each chunk of the head (one per id array), dims i and i + d/2 are one complex
+    number, multiplied by e^{i·id·θ_i} with θ_i = base^(−2i/d)."""
+    d = x.shape[-1] // len(ids)
+    theta = base ** (-2.0 * np.arange(d // 2) / d)  # (d/2,)
+    out = []
+    for g, chunk_ids in enumerate(ids):
+        c = x[..., g * d:(g + 1) * d]
+        z = (c[..., :d // 2] + 1j * c[..., d // 2:]) * np.exp(1j * chunk_ids[:, None, :, None] * theta)
+        out += [z.real, z.imag]
+    return np.concatenate(out, axis=-1)
+
+
+def _rope_inputs(*id_ranges):
+    """x (B=2, nh=2, T=5, hs=8) and one (2, 5) id array per range."""
+    return lambda r: [P(randn(r, 2, 2, 5, 8))] + [K(r.integers(0, hi, size=(2, 5))) for hi in id_ranges]
 
 
 # input recipes used by several rows ---------------------------------------------------------------------------------
@@ -331,6 +355,22 @@ TABLE: list[Row] = [
     Row("attention_flash", "FlashAttention",
         lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, s, impl="flash"),
         attention_ref, _attn_inputs(Tq=6, Tk=6, sep=(2, 0)), needs_kernels=True),
+    # GLM-130B's ops: the GeGLU gate, 1-D and 2-D RoPE (against the complex rotation), EGS, the FP32 softmax
+    Row("geglu", "GeGLU", F.geglu, geglu_ref, lambda r: [P(randn(r, 3, 8) * 2.0)]),
+    Row("rope_1d", "RoPE", lambda x, pos: F.rope(x, *F.rotary_tables([pos], 8, np.float64)), rope_complex_ref,
+        _rope_inputs(40)),
+    Row("rope_2d", "RoPE", lambda x, pos, blk: F.rope(x, *F.rotary_tables([pos, blk], 8, np.float64), groups=2),
+        rope_complex_ref, _rope_inputs(40, 6)),
+    Row("grad_scale", "GradScale", lambda x: F.grad_scale(x, 0.1), lambda x: x, lambda r: [P(randn(r, 3, 4))],
+        grad_factor=0.1),
+    Row("attention_fp32_softmax", "FP32SoftmaxAttention",
+        lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, s, softmax_coeff=3.0), attention_ref,
+        _attn_inputs()),
+    Row("attention_fp32_softmax_decode_dropout", "FP32SoftmaxAttention",
+        lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, s, dropout_p=0.25, rng=np.random.default_rng(3),
+                                                          softmax_coeff=2.0),
+        lambda q, k, v, s: attention_ref(q, k, v, s, keep=dropout_keep((2, 2, 2, 5), 0.25, 3)),
+        _attn_inputs(Tq=2, Tk=5, sep=(1, 3))),
 ]
 
 ROWS = {row.name: row for row in TABLE}
@@ -384,7 +424,7 @@ def _backward_params():
 def test_backward_gradcheck(name, xp):
     row = ROWS[name]
     _, mg_inputs = _build(row, xp)
-    assert gradcheck(row.op, *mg_inputs, eps=row.eps, atol=row.atol, rtol=row.rtol, name=name)
+    assert gradcheck(row.op, *mg_inputs, eps=row.eps, atol=row.atol, rtol=row.rtol, name=name, factor=row.grad_factor)
     for x in mg_inputs:
         if isinstance(x, Tensor):
             assert x.grad is not None, f"{name}: an input got no gradient"
