@@ -4,9 +4,9 @@ A run is described by two dataclasses, saved together as ``runs/<name>/config.js
 
     {"preset": "tiny", "model": {GLMConfig fields}, "train": {TrainConfig fields}}
 
-``--config`` picks a preset (``tiny``, ``small``, ``base``) or such a JSON file (a run's own config.json works), and
-``--set key=value`` changes one field. The value is parsed by the field's declared type (int, float, bool, str,
-optional), never by ``eval``; an unknown key is an error that lists the valid ones. A bare key is looked up in
+``--config`` picks a preset (``tiny``, ``small``, ``base``, ``glm-130b``) or such a JSON file (a run's own config.json
+works), and ``--set key=value`` changes one field. The value is parsed by the field's declared type (int, float, bool,
+str, optional), never by ``eval``; an unknown key is an error that lists the valid ones. A bare key is looked up in
 TrainConfig, then in GLMConfig; ``model.key`` / ``train.key`` say which explicitly.
 
 The tiny defaults are tuned for the main job, ``python -m minglm train`` with no arguments: GLM-Base's token-level
@@ -109,6 +109,8 @@ TRAIN_PRESETS = {
                   mask_ratio=0.15),
     "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
                  mask_ratio=0.15, device="gpu"),
+    # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
+    "glm-130b": dict(objective="glm-130b", time_limit=270.0),
 }
 
 

@@ -14,6 +14,17 @@ What makes it GLM rather than GPT (GLM-REFERENCE.md §3, §4, §11):
 Parameter names follow the official checkpoints minus their prefixes (see ``minglm/interop.py`` for the mapping):
 ``word_embeddings.weight``, ``position_embeddings.weight``, ``layers.3.attention.query_key_value.weight``, ...
 
+GLM-130B's changes (Zeng et al. 2022, §2.1-§3 and App. B) are switches on ``GLMConfig``, each off by default so the
+GLM-1 model above is unchanged; the ``glm-130b`` preset turns them all on:
+- ``position``: "learned2d" (the two tables), "rope1d" (GLM-130B: RoPE by the first position row only, so Part B
+  stays at its blank's position) or "rope2d" (SAT's ``--position-encoding-2d``: half of each head turns with the
+  position, half with the block id); RoPE models have no position tables;
+- ``norm``: "pre" or "deepnorm" (post-LN with residual α·x, α = (2N)^½, and Xavier-normal init with gain β = (2N)^-½
+  on the FFN, value and output projections: SAT ``glm130B_model.py``, ``DeepNormWithGLUMixin.layer_forward``);
+- ``ffn``: "gelu" or "geglu" (width (8/3)·C, a ⊙ GeLU_erf(b) on the two halves of a 2·(8/3)·C projection);
+- ``embedding_grad_scale``: α < 1 shrinks the gradient into the word embeddings (EGS, α = 0.1), forward unchanged;
+- ``softmax_scaling``: the FP32-softmax trick with c = layer + 1 (``F.FP32SoftmaxAttention``).
+
 Left out on purpose: Transformer-XL ``mems`` (the official inference cache stores each layer's *input*; ``KVCache``
 here stores K and V instead, which gives the same logits at lower cost), model parallelism, fp16, checkpointed
 activations, and padding the vocabulary to a multiple of 128 (a speed trick for GPUs).
@@ -46,6 +57,14 @@ class GLMConfig:
     attn_dropout: float = 0.0  # dropout on the attention probabilities (GLM: 0.1)
     layernorm_eps: float = 1e-5  # apex FusedLayerNorm's default: GLM never passes its own eps in
     init_std: float = 0.02  # N(0, 0.02) for every weight; the residual projections get 0.02/√(2·n_layer)
+    # GLM-130B's switches (module docstring); the defaults are GLM-1
+    position: str = "learned2d"  # learned2d | rope1d (GLM-130B) | rope2d (ChatGLM-6B); RoPE base 10000
+    norm: str = "pre"  # pre | deepnorm (GLM-130B's post-LN with α = (2N)^½, β = (2N)^-½)
+    ffn: str = "gelu"  # gelu (tanh-GeLU, 4C) | geglu (GLM-130B: exact-erf GeLU gate, (8/3)C)
+    embedding_grad_scale: float = 1.0  # EGS α: 1 = off; GLM-130B used 0.1
+    softmax_scaling: bool = False  # GLM-130B's FP32 softmax with q/(√hs·c), c = layer + 1: same maths in float32
+
+    SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu")}
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len"):
@@ -71,10 +90,39 @@ class GLMConfig:
         for name in ("layernorm_eps", "init_std"):
             if not getattr(self, name) > 0.0:
                 raise ValueError(f"GLMConfig.{name} must be positive, got {getattr(self, name)!r}")
+        for name, allowed in self.SWITCHES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GLMConfig.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.position != "learned2d" and self.head_size % (2 * self.rope_chunks):
+            raise ValueError(
+                f"GLMConfig: position={self.position!r} rotates pairs of dims in {self.rope_chunks} chunk(s) of each "
+                f"head, so the head size (d_model / n_head = {self.head_size}) must be divisible by "
+                f"{2 * self.rope_chunks}"
+            )
+        if not 0.0 <= self.embedding_grad_scale <= 1.0:
+            raise ValueError(f"GLMConfig.embedding_grad_scale must be in [0, 1] (1 = off), got "
+                             f"{self.embedding_grad_scale!r}")
+        if not isinstance(self.softmax_scaling, bool | np.bool_):
+            raise ValueError(f"GLMConfig.softmax_scaling must be True or False, got {self.softmax_scaling!r}")
 
     @property
     def head_size(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def rope_chunks(self) -> int:
+        """How many chunks of each head RoPE turns by its own ids: 1 (position) or 2 (position, block id)."""
+        return 2 if self.position == "rope2d" else 1
+
+    @property
+    def ffn_size(self) -> int:
+        """The FFN width: 4C, or (8/3)C for GeGLU (SAT's default ``4 * hidden_size * 2 // 3``)."""
+        return 8 * self.d_model // 3 if self.ffn == "geglu" else 4 * self.d_model
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNorm's residual weight α = (2N)^½ (GLM-130B §2.1; DeepNet's decoder-only α is (2N)^¼)."""
+        return math.sqrt(2.0 * self.n_layer)
 
     # The presets. tiny trains a readable character-level Shakespeare model in a few minutes on 2 CPU cores;
     # small is the benchmark config of PERFORMANCE.md; base is for a GPU.
@@ -82,6 +130,9 @@ class GLMConfig:
         "tiny": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128),
         "small": dict(n_layer=4, n_head=8, d_model=256, max_len=256, seq_len=256),
         "base": dict(n_layer=8, n_head=8, d_model=512, max_len=512, seq_len=512),
+        # tiny's size with GLM-130B's recipe (its data mixture is the glm-130b training preset, minglm/config.py)
+        "glm-130b": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128, position="rope1d",
+                         norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1, softmax_scaling=True),
     }
 
     @classmethod
@@ -99,8 +150,15 @@ class GLMConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
-        """A JSON-safe dict of every field."""
-        return {k: (int(v) if isinstance(v, np.integer) else v) for k, v in asdict(self).items()}
+        """A JSON-safe dict of every field, except GLM-130B's switches while they hold their GLM-1 defaults: so the
+        config of a GLM-1 model, and every checkpoint that stores it, reads as it did before the switches existed."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in _SWITCH_FIELDS}
+        out = {}
+        for k, v in asdict(self).items():
+            if k in defaults and v == defaults[k]:
+                continue
+            out[k] = int(v) if isinstance(v, np.integer) else bool(v) if isinstance(v, np.bool_) else v
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> GLMConfig:
@@ -110,6 +168,9 @@ class GLMConfig:
         if unknown:
             raise ValueError(f"GLMConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling")
 
 
 # --- the transformer ------------------------------------------------------------------------------------------------
@@ -122,43 +183,73 @@ class SelfAttention(Module):
         super().__init__()
         C, std = config.d_model, config.init_std
         self.n_head, self.attn_dropout = config.n_head, config.attn_dropout
-        self.query_key_value = Linear(C, 3 * C, rng, std=std)  # weight (3C, C): rows [q; k; v], each head-major
-        self.dense = Linear(C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # writes into the residual
+        self.softmax_scaling = bool(config.softmax_scaling)
+        if config.norm == "deepnorm":
+            # DeepNorm's init (GLM-130B §2.1): Xavier normal, std = gain·√(2 / (fan_in + fan_out)), each of q, k, v
+            # and the output projection a C×C matrix; gain 1 on q and k, β = (2N)^-½ on v and the output.
+            xavier, beta = math.sqrt(2.0 / (C + C)), 1.0 / config.deepnorm_alpha
+            self.query_key_value = Linear(C, 3 * C, rng, std=xavier)  # (3C, C)
+            self.query_key_value.weight.data[2 * C:] *= np.float32(beta)  # the v rows
+            self.dense = Linear(C, C, rng, std=beta * xavier)
+        else:
+            self.query_key_value = Linear(C, 3 * C, rng, std=std)  # weight (3C, C): rows [q; k; v], each head-major
+            self.dense = Linear(C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # writes into the residual
         self.dropout = Dropout(config.dropout)
 
-    def qkv(self, h: Tensor, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Project (N, C) to q, k, v of shape (B, nh, T, hs): strided views of the one QKV output, no copies."""
+    def qkv(self, h: Tensor, B: int, T: int, rotary=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Project (N, C) to q, k, v of shape (B, nh, T, hs): strided views of the one QKV output, no copies.
+
+        ``rotary`` = (cos, sin, chunks) from ``GLM.rotary`` turns q and k by their positions (RoPE)."""
         C = h.shape[-1]
         nh, hs = self.n_head, C // self.n_head
         qkv = self.query_key_value(h)  # (N, 3C)
         # The last dim is [q | k | v], each C wide and head-major: view it as (B, T, 3, nh, hs).
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs), a view
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if rotary is not None:
+            cos, sin, chunks = rotary
+            q, k = F.rope(q, cos, sin, chunks), F.rope(k, cos, sin, chunks)  # (B, nh, T, hs) each
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None) -> Tensor:
+        """softmax(q kᵀ/√hs) v with GLM's mask: (B, nh, T, hs). ``minglm/prefix.py`` overrides it to put trained
+        keys and values in front."""
+        p = self.attn_dropout if self.training else 0.0
+        coeff = layer + 1 if self.softmax_scaling else None  # GLM-130B: c = layer + 1
+        return F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng, softmax_coeff=coeff)
 
     def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None) -> Tensor:
+                rng: np.random.Generator | None = None, rotary=None) -> Tensor:
         C = h.shape[-1]
-        q, k, v = self.qkv(h, B, T)  # each (B, nh, T, hs)
+        q, k, v = self.qkv(h, B, T, rotary)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, Tk, hs): everything cached so far, these T included
-        p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, sep, layer, rng)  # (B, nh, T, hs)
         y = y.permute(0, 2, 1, 3).reshape(B * T, C)  # (N, C): heads side by side again
         return self.dropout(self.dense(y), rng)
 
 
 class MLP(Module):
-    """Linear(C→4C) → tanh-GeLU → Linear(4C→C) → dropout."""
+    """Linear(C→4C) → tanh-GeLU → Linear(4C→C) → dropout; with ``ffn="geglu"`` (GLM-130B):
+    Linear(C→2F) → a ⊙ GeLU_erf(b) on its halves → Linear(F→C), F = (8/3)C, the official names kept."""
 
     def __init__(self, config: GLMConfig, rng: np.random.Generator):
         super().__init__()
-        C, std = config.d_model, config.init_std
-        self.dense_h_to_4h = Linear(C, 4 * C, rng, std=std)
-        self.dense_4h_to_h = Linear(4 * C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # residual writer
+        C, Fw, std = config.d_model, config.ffn_size, config.init_std
+        self.geglu = config.ffn == "geglu"
+        up = 2 * Fw if self.geglu else Fw  # GeGLU's projection holds both halves [a | b]
+        if config.norm == "deepnorm":  # Xavier normal with gain β = (2N)^-½ on both FFN matrices (§2.1)
+            beta = 1.0 / config.deepnorm_alpha
+            self.dense_h_to_4h = Linear(C, up, rng, std=beta * math.sqrt(2.0 / (C + up)))
+            self.dense_4h_to_h = Linear(Fw, C, rng, std=beta * math.sqrt(2.0 / (Fw + C)))
+        else:
+            self.dense_h_to_4h = Linear(C, up, rng, std=std)
+            self.dense_4h_to_h = Linear(Fw, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # residual writer
         self.dropout = Dropout(config.dropout)
 
     def forward(self, h: Tensor, rng: np.random.Generator | None = None) -> Tensor:
-        h = F.gelu(self.dense_h_to_4h(h), approximate="tanh")  # (N, 4C)
+        u = self.dense_h_to_4h(h)  # (N, 4C), or (N, 2F) for GeGLU
+        h = F.geglu(u) if self.geglu else F.gelu(u, approximate="tanh")  # (N, 4C) or (N, F)
         return self.dropout(self.dense_4h_to_h(h), rng)  # (N, C)
 
 
@@ -166,19 +257,27 @@ class Block(Module):
     """One pre-LN transformer layer: x + Attn(LN1(x)), then + MLP(LN2(x)).
 
     ``post_attention_layernorm`` is the official name of the LayerNorm *before* the MLP.
+    With ``norm="deepnorm"`` (GLM-130B, SAT ``DeepNormWithGLUMixin.layer_forward``) the same two LayerNorms sit on
+    the residual stream instead: a = LN1(x); h = α·a + Attn(a); m = LN2(h); out = α·m + MLP(m), α = (2N)^½. The next
+    layer's LN1 (or the final LN) normalises ``out``, so it is post-LN, and the embeddings are normalised too.
     """
 
     def __init__(self, config: GLMConfig, rng: np.random.Generator):
         super().__init__()
         C, eps = config.d_model, config.layernorm_eps
+        self.alpha = config.deepnorm_alpha if config.norm == "deepnorm" else None
         self.input_layernorm = LayerNorm(C, eps)
         self.attention = SelfAttention(config, rng)
         self.post_attention_layernorm = LayerNorm(C, eps)
         self.mlp = MLP(config, rng)
 
     def forward(self, x: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None) -> Tensor:
-        x = x + self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng)  # (N, C)
+                rng: np.random.Generator | None = None, rotary=None) -> Tensor:
+        if self.alpha is not None:  # DeepNorm
+            a = self.input_layernorm(x)  # (N, C)
+            m = self.post_attention_layernorm(a * self.alpha + self.attention(a, B, T, sep, layer, cache, rng, rotary))
+            return m * self.alpha + self.mlp(m, rng)  # (N, C)
+        x = x + self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng, rotary)  # (N, C)
         return x + self.mlp(self.post_attention_layernorm(x), rng)  # (N, C)
 
 
@@ -192,8 +291,9 @@ class GLM(Module):
         self.config = config
         C, std, P = config.d_model, config.init_std, config.max_len + 1
         self.word_embeddings = Embedding(config.vocab_size, C, rng, std)  # (V, C), also the output head
-        self.position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): the position in the text
-        self.block_position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): 0 in Part A, 1.. in a span
+        if config.position == "learned2d":  # RoPE models turn q and k instead (SelfAttention.qkv)
+            self.position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): the position in the text
+            self.block_position_embeddings = Embedding(P, C, rng, std)  # (max_len + 1, C): 0 in Part A, 1.. in a span
         self.embedding_dropout = Dropout(config.dropout)
         self.layers = ModuleList(Block(config, rng) for _ in range(config.n_layer))
         self.final_layernorm = LayerNorm(C, config.layernorm_eps)
@@ -239,11 +339,25 @@ class GLM(Module):
         return tokens, position_ids, block_position_ids, sep
 
     def embed(self, tokens, position_ids, block_position_ids, rng=None) -> Tensor:
-        """word + position + block-position embedding, then dropout: (N, C)."""
+        """word + position + block-position embedding (word only with RoPE), then dropout: (N, C)."""
         x = self.word_embeddings(tokens.reshape(-1))  # (N, C)
-        x = x + self.position_embeddings(position_ids.reshape(-1))
-        x = x + self.block_position_embeddings(block_position_ids.reshape(-1))
+        if self.config.embedding_grad_scale != 1.0:  # EGS: the same values, alpha of the gradient into the table
+            x = F.grad_scale(x, self.config.embedding_grad_scale)
+        if self.config.position == "learned2d":
+            x = x + self.position_embeddings(position_ids.reshape(-1))
+            x = x + self.block_position_embeddings(block_position_ids.reshape(-1))
         return self.embedding_dropout(x, rng)
+
+    def rotary(self, position_ids, block_position_ids):
+        """(cos, sin, chunks) that turn q and k by the positions (``F.rotary_tables``), or None for the tables.
+
+        rope1d uses the first position row only, so a Part-B token sits at its blank's position (GLM-130B App. B.3);
+        rope2d turns half of each head by the position and half by the block id (SAT ``glm130B_model.py``)."""
+        if self.config.position == "learned2d":
+            return None
+        ids = [position_ids] if self.config.position == "rope1d" else [position_ids, block_position_ids]
+        cos, sin = F.rotary_tables(ids, self.config.head_size, self.word_embeddings.weight.dtype)
+        return cos, sin, len(ids)
 
     def forward(self, tokens, position_ids, block_position_ids, sep, cache: KVCache | None = None,
                 rng: np.random.Generator | None = None) -> Tensor:
@@ -259,8 +373,9 @@ class GLM(Module):
         )
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids, rng)  # (N, C)
+        rotary = self.rotary(position_ids, block_position_ids)  # None, or (B, 1, T, hs) tables
         for i, block in enumerate(self.layers):
-            x = block(x, B, T, sep, i, cache, rng)  # (N, C)
+            x = block(x, B, T, sep, i, cache, rng, rotary)  # (N, C)
         if cache is not None:
             cache.length += T
         x = self.final_layernorm(x)  # (N, C)
@@ -277,10 +392,11 @@ class GLM(Module):
         )
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids)
+        rotary = self.rotary(position_ids, block_position_ids)
         for i in range(layer):
-            x = self.layers[i](x, B, T, sep)  # (N, C)
+            x = self.layers[i](x, B, T, sep, i, rotary=rotary)  # (N, C)
         attn = self.layers[layer].attention
-        q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T)
+        q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T, rotary)
         xp = get_xp(q.data)
         s = (q.data @ xp.swapaxes(k.data, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
         s = xp.where(F.glm_mask(xp, sep, T, T), s, -np.inf)

@@ -93,3 +93,295 @@ def test_rope_refuses_an_odd_head_size():
         F.rotary_tables([np.zeros((1, 2), dtype=np.int64)], 7)
     with pytest.raises(ValueError, match="2 chunk"):
         F.rotary_tables([np.zeros((1, 2), dtype=np.int64)] * 2, 6)
+
+
+# --- the model: each switch against a hand-written NumPy forward --------------------------------------------------
+
+import minglm  # noqa: E402
+from minglm.model import GLM, GLMConfig, KVCache  # noqa: E402
+
+_erf = np.vectorize(math.erf)
+SWITCH_CASES = {  # name -> GLMConfig overrides; "all" is the glm-130b preset's recipe (with 2-D RoPE)
+    "glm1": {},
+    "rope1d": dict(position="rope1d"),
+    "rope2d": dict(position="rope2d"),
+    "deepnorm": dict(norm="deepnorm"),
+    "geglu": dict(ffn="geglu"),
+    "egs": dict(embedding_grad_scale=0.1),
+    "softmax_scaling": dict(softmax_scaling=True),
+    "all": dict(position="rope2d", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1, softmax_scaling=True),
+}
+
+
+def small_config(**kw) -> GLMConfig:
+    values = dict(vocab_size=13, n_layer=2, n_head=2, d_model=16, max_len=12)
+    values.update(kw)
+    return GLMConfig(**values)
+
+
+def batch():
+    """GLM-REFERENCE §8.2's Figure 2 (code convention) and a second, right-padded sample."""
+    tokens = np.array([[1, 2, 8, 4, 8, 5, 5, 6, 5, 3], [1, 2, 8, 5, 9, 10, 0, 0, 0, 0]])
+    pos = np.array([[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 1, 2, 2, 2, 2, 0, 0, 0, 0]])
+    block = np.array([[0, 0, 0, 0, 0, 1, 2, 3, 1, 2], [0, 0, 0, 1, 2, 3, 0, 0, 0, 0]])
+    return tokens, pos, block, np.array([5, 3])
+
+
+def perturbed(cfg: GLMConfig, seed: int = 0, dtype=np.float64) -> GLM:
+    model = GLM(cfg, np.random.default_rng(seed)).astype(dtype).eval()
+    rng = np.random.default_rng(seed + 100)
+    for name, p in model.named_parameters():  # LN gains/biases and biases start at 1 and 0: make them count
+        if name.endswith("bias") or "layernorm" in name:
+            p.data += rng.standard_normal(p.shape).astype(p.dtype) * 0.1
+    return model
+
+
+def rope_ref(x, ids, base=10000.0):
+    """x (B, nh, T, hs) turned by one (B, T) id array per chunk, as complex numbers (the paper's form)."""
+    d = x.shape[-1] // len(ids)
+    theta = base ** (-2.0 * np.arange(d // 2) / d)
+    out = []
+    for g, chunk_ids in enumerate(ids):
+        c = x[..., g * d:(g + 1) * d]
+        z = (c[..., :d // 2] + 1j * c[..., d // 2:]) * np.exp(1j * chunk_ids[:, None, :, None] * theta)
+        out += [z.real, z.imag]
+    return np.concatenate(out, axis=-1)
+
+
+def reference_forward(sd, cfg: GLMConfig, tokens, pos, block, sep):
+    """GLM with GLM-130B's switches, in float64 NumPy straight from the state dict (GLM-130B §2.1, App. B; SAT
+    ``glm130B_model.py``): RoPE by complex rotation, DeepNorm as a = LN1(x), h = α·a + Attn(a), m = LN2(h),
+    out = α·m + MLP(m), GeGLU with math.erf. EGS and the FP32 softmax change no forward value."""
+    g = {k: v.astype(np.float64) for k, v in sd.items()}
+    B, T = tokens.shape
+    C, nh = cfg.d_model, cfg.n_head
+    hs = C // nh
+    alpha = math.sqrt(2 * cfg.n_layer)
+
+    def ln(x, prefix):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g[prefix + ".weight"] + g[prefix + ".bias"]
+
+    def lin(x, prefix):
+        return x @ g[prefix + ".weight"].T + g[prefix + ".bias"]
+
+    x = g["word_embeddings.weight"][tokens]
+    if cfg.position == "learned2d":
+        x = x + g["position_embeddings.weight"][pos] + g["block_position_embeddings.weight"][block]
+    i = np.arange(T)
+    allowed = (i[None, None, :] < sep[:, None, None]) | (i[None, None, :] <= i[None, :, None])  # (B, Tq, Tk)
+
+    def attention(h, p):
+        qkv = lin(h, p + "attention.query_key_value")
+        q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for j in range(3))
+        if cfg.position != "learned2d":
+            ids = [pos] if cfg.position == "rope1d" else [pos, block]
+            q, k = rope_ref(q, ids), rope_ref(k, ids)
+        s = np.where(allowed[:, None], q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs), -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        return lin((a @ v).transpose(0, 2, 1, 3).reshape(B, T, C), p + "attention.dense")
+
+    def mlp(h, p):
+        u = lin(h, p + "mlp.dense_h_to_4h")
+        if cfg.ffn == "geglu":
+            a, b = np.split(u, 2, axis=-1)
+            u = a * 0.5 * b * (1 + _erf(b / math.sqrt(2)))
+        else:
+            u = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+        return lin(u, p + "mlp.dense_4h_to_h")
+
+    for layer in range(cfg.n_layer):
+        p = f"layers.{layer}."
+        if cfg.norm == "deepnorm":
+            a = ln(x, p + "input_layernorm")
+            m = ln(alpha * a + attention(a, p), p + "post_attention_layernorm")
+            x = alpha * m + mlp(m, p)
+        else:
+            x = x + attention(ln(x, p + "input_layernorm"), p)
+            x = x + mlp(ln(x, p + "post_attention_layernorm"), p)
+    return ln(x, "final_layernorm") @ g["word_embeddings.weight"].T
+
+
+@pytest.mark.parametrize("case", list(SWITCH_CASES))
+def test_model_matches_the_numpy_reference(case):
+    cfg = small_config(**SWITCH_CASES[case])
+    model = perturbed(cfg)
+    tokens, pos, block, sep = batch()
+    with minglm.no_grad():
+        got = model(tokens, pos, block, sep).numpy()
+    np.testing.assert_allclose(got, reference_forward(model.state_dict(), cfg, tokens, pos, block, sep),
+                               rtol=0, atol=1e-11)
+
+
+def test_glm1_is_unchanged_by_the_switches():
+    cfg = small_config()
+    assert cfg.to_dict() == dict(vocab_size=13, n_layer=2, n_head=2, d_model=16, max_len=12, seq_len=None,
+                                 dropout=0.0, attn_dropout=0.0, layernorm_eps=1e-5, init_std=0.02)
+    assert GLMConfig.from_dict(cfg.to_dict()) == cfg
+    on = small_config(**SWITCH_CASES["all"])
+    assert GLMConfig.from_dict(on.to_dict()) == on and on.to_dict()["position"] == "rope2d"
+    names = [n for n, _ in GLM(cfg, np.random.default_rng(0)).named_parameters()]
+    assert names[:3] == ["word_embeddings.weight", "position_embeddings.weight", "block_position_embeddings.weight"]
+
+
+def test_rope_models_have_no_position_tables_and_use_the_right_ids():
+    tokens, pos, block, sep = batch()
+    for position in ("rope1d", "rope2d"):
+        model = perturbed(small_config(position=position))
+        names = {n for n, _ in model.named_parameters()}
+        assert not any("position_embeddings" in n for n in names)
+        with minglm.no_grad():
+            base = model(tokens, pos, block, sep).numpy()
+            other_block = model(tokens, pos, (block * 2) % 12, sep).numpy()
+        if position == "rope1d":  # 1-D: the block ids do not exist for the model (Part B = its blank's position)
+            np.testing.assert_array_equal(base, other_block)
+        else:  # float64 and small random weights: a real change, far above rounding
+            assert np.abs(base - other_block).max() > 1e-6
+
+
+def test_softmax_scaling_equals_plain_softmax_in_the_model():
+    tokens, pos, block, sep = batch()
+    for dtype, atol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        plain = perturbed(small_config(n_layer=3), dtype=dtype)
+        scaled = perturbed(small_config(n_layer=3, softmax_scaling=True), dtype=dtype)
+        with minglm.no_grad():
+            a, b = plain(tokens, pos, block, sep).numpy(), scaled(tokens, pos, block, sep).numpy()
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+
+
+def test_egs_keeps_the_logits_and_scales_only_the_word_embedding_lookup_gradient():
+    """The table is also the tied output head, so its gradient is head + alpha·lookup: linear in alpha, equal to the
+    plain gradient at alpha = 1. The other parameters' gradients do not change."""
+    tokens, pos, block, sep = batch()
+    upstream = np.random.default_rng(7).standard_normal((2, 10, 13))
+    grads, logits = {}, {}
+    for alpha in (0.0, 0.1, 1.0):
+        model = perturbed(small_config(embedding_grad_scale=alpha))
+        out = model.train()(tokens, pos, block, sep)
+        logits[alpha] = out.numpy()
+        (out * upstream).sum().backward()
+        grads[alpha] = {n: p.grad.copy() for n, p in model.named_parameters()}
+    np.testing.assert_array_equal(logits[0.1], logits[1.0])
+    np.testing.assert_array_equal(logits[0.0], logits[1.0])
+    w = "word_embeddings.weight"
+    head, lookup = grads[0.0][w], grads[1.0][w] - grads[0.0][w]
+    assert np.abs(lookup).max() > 1e-3
+    np.testing.assert_allclose(grads[0.1][w], head + 0.1 * lookup, rtol=0, atol=1e-12)
+    for name in grads[1.0]:
+        if name != w:
+            np.testing.assert_allclose(grads[0.1][name], grads[1.0][name], rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_deepnorm_init_is_xavier_normal_with_gain_beta():
+    cfg = GLMConfig(vocab_size=10, n_layer=8, n_head=4, d_model=96, max_len=8, norm="deepnorm", ffn="geglu")
+    sd = GLM(cfg, np.random.default_rng(0)).state_dict()
+    C, Fw, beta = 96, cfg.ffn_size, 1 / math.sqrt(16)
+    assert Fw == 256 and cfg.deepnorm_alpha == pytest.approx(4.0)
+    qkv = sd["layers.3.attention.query_key_value.weight"]
+    want = {
+        "q": (qkv[:C], math.sqrt(2 / (2 * C))), "k": (qkv[C:2 * C], math.sqrt(2 / (2 * C))),
+        "v": (qkv[2 * C:], beta * math.sqrt(2 / (2 * C))),
+        "dense": (sd["layers.3.attention.dense.weight"], beta * math.sqrt(2 / (2 * C))),
+        "h_to_4h": (sd["layers.3.mlp.dense_h_to_4h.weight"], beta * math.sqrt(2 / (C + 2 * Fw))),
+        "4h_to_h": (sd["layers.3.mlp.dense_4h_to_h.weight"], beta * math.sqrt(2 / (Fw + C))),
+    }
+    for name, (w, std) in want.items():
+        assert abs(w.std() / std - 1) < 0.05, (name, w.std(), std)
+        assert abs(w.mean()) < 4 * std / math.sqrt(w.size), name
+    assert sd["layers.3.mlp.dense_h_to_4h.weight"].shape == (2 * Fw, C)
+    assert (sd["layers.3.mlp.dense_h_to_4h.bias"] == 0).all()
+
+
+def test_gradcheck_of_a_model_with_every_switch():
+    """Central differences on sampled elements of every kind of parameter, dropout on (fixed seed), EGS included:
+    the word-embedding check uses alpha = 1 (EGS's own gradient rule is GradScale's row in test_ops_table.py)."""
+    cfg = small_config(**{**SWITCH_CASES["all"], "embedding_grad_scale": 1.0}, dropout=0.1, attn_dropout=0.1)
+    model = perturbed(cfg).train()
+    tokens, pos, block, sep = batch()
+    weights = np.random.default_rng(4).standard_normal((2, 10, 13))
+
+    def objective():
+        return (model(tokens, pos, block, sep, rng=np.random.default_rng(9)) * weights).sum()
+
+    objective().backward()
+    params = dict(model.named_parameters())
+    pick, eps = np.random.default_rng(5), 1e-6
+    for name in ["word_embeddings.weight", "layers.0.input_layernorm.weight",
+                 "layers.0.attention.query_key_value.weight", "layers.1.attention.dense.bias",
+                 "layers.1.post_attention_layernorm.bias",
+                 "layers.0.mlp.dense_h_to_4h.weight", "layers.1.mlp.dense_4h_to_h.weight", "final_layernorm.weight"]:
+        p = params[name]
+        flat = p.data.reshape(-1)
+        for _ in range(5):
+            j = int(pick.integers(flat.size))
+            orig = flat[j]
+            with minglm.no_grad():
+                flat[j] = orig + eps
+                up = objective().item()
+                flat[j] = orig - eps
+                down = objective().item()
+            flat[j] = orig
+            numeric = (up - down) / (2 * eps)
+            assert abs(p.grad.reshape(-1)[j] - numeric) <= 1e-6 + 1e-5 * abs(numeric), (name, j)
+
+
+# --- decoding with a cache ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(SWITCH_CASES))
+def test_kv_cache_equals_recompute_for_every_switch(case):
+    """Encode a context once (sep = its length), then feed Part B one token at a time and two at once: the logits
+    equal one full forward. RoPE turns each new key by its own position before it is cached."""
+    cfg = small_config(max_len=20, **SWITCH_CASES[case])
+    model = perturbed(cfg, dtype=np.float32)
+    rng = np.random.default_rng(2)
+    B, n, T = 2, 6, 11
+    tokens = rng.integers(0, cfg.vocab_size, (B, T))
+    pos = np.concatenate([np.tile(np.arange(n), (B, 1)), np.full((B, T - n), 3)], axis=1)  # Part B at blank 3
+    block = np.concatenate([np.zeros((B, n), int), np.tile(np.arange(1, T - n + 1), (B, 1))], axis=1)
+    with minglm.no_grad():
+        full = model(tokens, pos, block, np.full(B, n)).numpy()
+        cache = KVCache(model, B, 16)
+        parts = [model(tokens[:, :n], pos[:, :n], block[:, :n], np.full(B, n), cache=cache).numpy()]
+        for t in range(n, T - 2):
+            parts.append(model(tokens[:, t:t + 1], pos[:, t:t + 1], block[:, t:t + 1], 0, cache=cache).numpy())
+        parts.append(model(tokens[:, T - 2:], pos[:, T - 2:], block[:, T - 2:], 0, cache=cache).numpy())
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=0, atol=2e-5)
+
+
+# --- presets and bad input ----------------------------------------------------------------------------------------
+
+
+def test_glm130b_preset_combines_the_switches_with_the_data_mixture():
+    from minglm.config import TRAIN_PRESETS, load_config_source
+
+    cfg = GLMConfig.preset("glm-130b", vocab_size=70)
+    assert (cfg.position, cfg.norm, cfg.ffn, cfg.embedding_grad_scale, cfg.softmax_scaling) == (
+        "rope1d", "deepnorm", "geglu", 0.1, True)
+    preset, model, train = load_config_source("glm-130b", GLMConfig.PRESETS)
+    assert preset == "glm-130b" and model["norm"] == "deepnorm" and train["objective"] == "glm-130b"
+    assert TRAIN_PRESETS["glm-130b"]["objective"] == "glm-130b"
+
+
+@pytest.mark.parametrize("field,value", [("position", "rope"), ("norm", "post"), ("ffn", "swiglu")])
+def test_an_unknown_switch_value_names_the_field_and_the_choices(field, value):
+    with pytest.raises(ValueError) as err:
+        small_config(**{field: value})
+    message = str(err.value)
+    assert f"GLMConfig.{field}" in message and repr(value) in message
+    for allowed in GLMConfig.SWITCHES[field]:
+        assert allowed in message
+
+
+def test_rope_refuses_head_sizes_it_cannot_pair():
+    with pytest.raises(ValueError, match="head size .* 3.* divisible by 2"):
+        GLMConfig(vocab_size=10, n_head=4, d_model=12, position="rope1d")
+    with pytest.raises(ValueError, match="head size .* 6.* divisible by 4"):
+        GLMConfig(vocab_size=10, n_head=2, d_model=12, position="rope2d")
+    GLMConfig(vocab_size=10, n_head=2, d_model=12, position="rope1d")  # 6 is fine in 1-D
+    with pytest.raises(ValueError, match="embedding_grad_scale"):
+        small_config(embedding_grad_scale=1.5)
+    with pytest.raises(ValueError, match="softmax_scaling"):
+        small_config(softmax_scaling="yes")
