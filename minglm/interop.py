@@ -16,6 +16,17 @@ Linear weights are (out, in) everywhere and the QKV rows are [q; k; v], head-maj
 Files are ``.npz`` (read with ``allow_pickle=False``). A PyTorch checkpoint of the official code can be converted when
 torch is installed; it is opened with ``weights_only=True``, so no pickled code ever runs.
 
+GLM-130B's architecture (``GLMConfig`` switches: RoPE, DeepNorm, optionally GeGLU) is SAT's *other* model,
+``sat.model.official.glm130B_model.GLM130B``. Its names are the SAT names above without the position tables:
+``transformer.word_embeddings.weight``, ``transformer.layers.{i}.<rest>``, ``transformer.final_layernorm.*``. One
+tensor is laid out differently: GLM130B views the fused QKV output as (heads, 3·hs), so its rows are interleaved per
+head [q₀; k₀; v₀; q₁; k₁; v₁; ...] where minglm (and GLM-1) keeps [q; k; v] (``attention_forward`` there:
+``mixed_raw_layer.view(..., np, 3 * hn)``). The ``sat`` layout of such a model permutes those rows; nothing else
+changes (``dense_h_to_4h`` is [a | b] with the GeLU on b in both). SAT can only hold two combinations of the switches:
+GLMModel = learned 2-D tables + pre-LN + tanh-GeLU (GLM-1) and GLM130B = RoPE (1-D or ``--position-encoding-2d``) +
+DeepNorm + GeGLU (or tanh-GeLU with ``--no-glu``); EGS and the FP32 softmax change no weight. Other combinations, and
+the official layout of anything but GLM-1, are refused with a message that says why.
+
 Left out: model-parallel shards (merge them first), fp16 master weights and optimizer states, and the vocabulary
 padding (a padded table loads as it is; its extra rows are never produced by a minglm tokenizer).
 """
@@ -102,13 +113,86 @@ def config_from_state_dict(state: dict, n_head: int, **overrides):
     return GLMConfig(**values)
 
 
+def sat_model(config) -> str:
+    """The SAT class that holds a model of this config: "GLMModel" (GLM-1) or "GLM130B"; a ValueError naming the
+    switches SAT has no model for otherwise."""
+    glm1 = (config.position, config.norm, config.ffn) == ("learned2d", "pre", "gelu")
+    if glm1:
+        return "GLMModel"
+    if config.position in ("rope1d", "rope2d") and config.norm == "deepnorm":
+        return "GLM130B"
+    raise ValueError(
+        f"interop: SAT has no model with position={config.position!r}, norm={config.norm!r}, ffn={config.ffn!r}: "
+        "its GLMModel is learned2d + pre + gelu (GLM-1) and its GLM130B is rope1d/rope2d + deepnorm + geglu (or gelu "
+        "with --no-glu); train with one of those to export"
+    )
+
+
+def sat_args(config) -> str:
+    """The SAT model arguments that read an exported file back, as text (e.g. for the export command)."""
+    c = config
+    common = (f"num_layers={c.n_layer}, hidden_size={c.d_model}, num_attention_heads={c.n_head}, "
+              f"vocab_size={c.vocab_size}")
+    if sat_model(c) == "GLMModel":
+        return f"SAT GLMModel: {common}, max_sequence_length={c.max_len + 1}"
+    return (f"SAT GLM130B: {common}, inner_hidden_size={c.ffn_size}, position_encoding_2d={c.position == 'rope2d'}, "
+            f"no_glu={c.ffn != 'geglu'}, layernorm_epsilon={c.layernorm_eps}")
+
+
+def _qkv_rows(a: np.ndarray, n_head: int, to_sat: bool) -> np.ndarray:
+    """Reorder the fused QKV rows (3C, ...) between minglm's [q; k; v] and GLM130B's per-head [q_h; k_h; v_h]."""
+    rest = a.shape[1:]
+    hs = a.shape[0] // (3 * n_head)
+    if to_sat:
+        return a.reshape(3, n_head, hs, *rest).swapaxes(0, 1).reshape(a.shape)
+    return a.reshape(n_head, 3, hs, *rest).swapaxes(0, 1).reshape(a.shape)
+
+
+def _glm130b_names(state: dict, config, to_sat: bool) -> dict:
+    """minglm <-> SAT GLM130B: "transformer." in front, no position tables, the QKV rows permuted."""
+    out = {}
+    for name, value in state.items():
+        if to_sat:
+            new = "transformer." + name
+        elif name.startswith("transformer."):
+            new = name[len("transformer."):]
+        else:
+            raise KeyError(f"interop: {name!r} is not a SAT GLM130B parameter name")
+        if name.endswith(("query_key_value.weight", "query_key_value.bias")):
+            value = _qkv_rows(np.asarray(value), config.n_head, to_sat)
+        out[new] = value
+    return out
+
+
 def export_state_dict(model, layout: str = "official") -> dict[str, np.ndarray]:
-    """The model's weights as NumPy float32 arrays under the names of ``layout``."""
+    """The model's weights as NumPy float32 arrays under the names of ``layout``.
+
+    A model with GLM-130B's switches exports only to "sat" (SAT's GLM130B) or "minglm"; see the module docstring."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"interop.export_state_dict: layout must be one of {LAYOUTS}, got {layout!r}")
+    config = model.config
+    if layout == "minglm":
+        return model.state_dict()
+    if layout == "official" and sat_model(config) != "GLMModel":
+        raise ValueError(f"interop: the official THUDM/GLM layout holds GLM-1 only (learned2d + pre + gelu), not "
+                         f"position={config.position!r}, norm={config.norm!r}, ffn={config.ffn!r}; use --layout sat")
+    if sat_model(config) == "GLM130B":
+        return _glm130b_names(model.state_dict(), config, to_sat=True)
     return convert_names(model.state_dict(), "minglm", layout)
 
 
 def load_state_dict(model, state: dict, strict: bool = True) -> None:
-    """Load a state dict of any layout (detected from its keys) into a minglm GLM; shapes are checked by name."""
+    """Load a state dict of any layout (detected from its keys) into a minglm GLM; shapes are checked by name.
+
+    For a model with GLM-130B's switches, a dict whose names start with "transformer." is read as SAT's GLM130B."""
+    config = getattr(model, "config", None)
+    glm130b = config is not None and (config.position, config.norm, config.ffn) != ("learned2d", "pre", "gelu")
+    if glm130b:  # no position tables, so detect_layout has no key to go by: SAT names or minglm's own
+        if any(k.startswith("transformer.") for k in state):
+            sat_model(config)  # a clear error for a combination SAT cannot hold
+            state = _glm130b_names(state, config, to_sat=False)
+        model.load_state_dict(state, strict=strict)
+        return
     model.load_state_dict(convert_names(state, detect_layout(state), "minglm"), strict=strict)
 
 

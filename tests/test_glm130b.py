@@ -385,3 +385,111 @@ def test_rope_refuses_head_sizes_it_cannot_pair():
         small_config(embedding_grad_scale=1.5)
     with pytest.raises(ValueError, match="softmax_scaling"):
         small_config(softmax_scaling="yes")
+
+
+# --- against SAT's GLM-130B model, and weight export ---------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from minglm import interop  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "glm130b_sat_parity.npz"
+
+
+def _fixture_case(case: str):
+    import json
+
+    with np.load(FIXTURE, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files if k.startswith(case + ":")}
+    cfg = GLMConfig.from_dict(json.loads(str(data[f"{case}:config_json"])))
+    model = GLM(cfg, np.random.default_rng(0)).eval()
+    prefix = f"{case}:minglm:"
+    model.load_state_dict({k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
+    return cfg, model, {k[len(case) + 1:]: v for k, v in data.items()}
+
+
+@pytest.mark.parametrize("case", ["rope1d", "rope2d"])
+def test_logits_and_gradients_match_sat_glm130b(case):
+    """SAT's glm130B_model.py (RoPE 1-D / 2-D, DeepNorm, GeGLU, FP32 softmax) on the same weights, float32 both."""
+    cfg, model, data = _fixture_case(case)
+    assert cfg.position == case and cfg.norm == "deepnorm" and cfg.ffn == "geglu" and cfg.softmax_scaling
+    fig2 = (np.array([[1, 2, 8, 4, 8, 11, 5, 6, 11, 3]]), np.array([[0, 1, 2, 3, 4, 4, 4, 4, 2, 2]]),
+            np.array([[0, 0, 0, 0, 0, 1, 2, 3, 1, 2]]), np.array([5]))
+    with minglm.no_grad():
+        np.testing.assert_allclose(model(*fig2).numpy(), data["fig2_logits"], rtol=0, atol=1e-6)
+    tokens, pos, block = (np.zeros((3, 10), dtype=np.int64) for _ in range(3))
+    rng = np.random.default_rng(3)  # the fixture script's padded_batch
+    for b, (n, sep) in enumerate([(10, 5), (7, 4), (5, 2)]):
+        tokens[b, :n] = rng.integers(1, 32, n)
+        pos[b, :sep] = np.arange(sep)
+        pos[b, sep:n] = rng.integers(0, sep)
+        block[b, sep:n] = np.arange(1, n - sep + 1)
+    logits = model.train()(tokens, pos, block, np.array([5, 4, 2]))
+    np.testing.assert_allclose(logits.numpy(), data["pad_logits"], rtol=0, atol=1e-6)
+    (logits * data["pad_upstream"]).sum().backward()
+    for name, p in model.named_parameters():
+        want = data[f"satgrad:{name}"]
+        np.testing.assert_allclose(p.grad, want, rtol=0, atol=2e-6 * max(1.0, np.abs(want).max()), err_msg=name)
+
+
+def test_export_to_sat_glm130b_round_trips_and_permutes_qkv_per_head():
+    cfg = small_config(**SWITCH_CASES["all"])
+    model = perturbed(cfg, dtype=np.float32)
+    sat = interop.export_state_dict(model, "sat")
+    assert "transformer.word_embeddings.weight" in sat and not any("position" in k for k in sat)
+    C, hs = cfg.d_model, cfg.head_size
+    ours_qkv, sat_qkv = model.state_dict()["layers.0.attention.query_key_value.weight"], \
+        sat["transformer.layers.0.attention.query_key_value.weight"]
+    np.testing.assert_array_equal(sat_qkv[hs:2 * hs], ours_qkv[C:C + hs])  # head 0's k follows head 0's q
+    np.testing.assert_array_equal(sat_qkv[3 * hs:4 * hs], ours_qkv[hs:2 * hs])  # then head 1's q
+    back = GLM(cfg, np.random.default_rng(9))
+    interop.load_state_dict(back, sat)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[name], value, err_msg=name)
+    assert "GLM130B" in interop.sat_args(cfg) and "position_encoding_2d=True" in interop.sat_args(cfg)
+
+
+@pytest.mark.parametrize("overrides", [dict(position="rope1d"), dict(ffn="geglu"), dict(norm="deepnorm")])
+def test_export_refuses_what_sat_cannot_hold(overrides):
+    model = GLM(small_config(**overrides), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="SAT has no model with"):
+        interop.export_state_dict(model, "sat")
+    with pytest.raises(ValueError, match="official THUDM/GLM layout holds GLM-1 only|SAT has no model"):
+        interop.export_state_dict(model, "official")
+
+
+def test_official_layout_refuses_a_glm130b_model():
+    model = GLM(small_config(position="rope1d", norm="deepnorm"), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="GLM-1 only"):
+        interop.export_state_dict(model, "official")
+    assert interop.sat_model(model.config) == "GLM130B"  # with the tanh-GeLU FFN: SAT's --no-glu
+
+
+def test_export_command_with_a_glm130b_run(tmp_path, capsys):
+    from minglm.commands import main
+    from minglm.runs import load_run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "fair", "and", "kind", "my", "lord", "the", "sea", "night"]
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(60)))
+    args = ["train", "--config", "glm-130b", "--corpus", str(corpus), "--out", str(tmp_path), "--name", "r",
+            "--steps", "2", "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+            "--set", "model.position=rope2d", "--set", "seq_len=32", "--set", "batch_size=2",
+            "--set", "eval_batches=1", "--set", "fill_lines=0", "--set", "plots=false", "--quiet"]
+    assert main(args) == 0
+    out = tmp_path / "sat.npz"
+    assert main(["export", str(tmp_path / "r"), "--layout", "sat", "--out", str(out)]) == 0
+    assert "SAT GLM130B" in capsys.readouterr().out
+    weights = interop.load_npz(out)
+    assert "transformer.layers.0.mlp.dense_h_to_4h.weight" in weights
+    model, _ = load_run(tmp_path / "r")
+    assert (model.config.position, model.config.norm, model.config.ffn) == ("rope2d", "deepnorm", "geglu")
+    before = model.state_dict()
+    interop.load(model, out)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert main(["export", str(tmp_path / "r"), "--layout", "official", "--out", str(tmp_path / "o.npz")]) == 2
+    assert "GLM-1 only" in capsys.readouterr().err

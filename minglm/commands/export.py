@@ -7,6 +7,7 @@ official or SAT model config needs to read it back.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from minglm import interop
 from minglm.runs import load_run, resolve_run
@@ -22,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, _ = load_run(args.run)  # checked against config.json: the sizes printed below are the trained ones
     run_dir, _ = resolve_run(args.run)
-    out = interop.save(model, args.out or run_dir / f"glm_{args.layout}.npz", args.layout)
-    c = model.config
+    try:  # a GLM-130B-switch model maps to SAT's GLM130B only; other layouts say why they cannot hold it
+        out = interop.save(model, args.out or run_dir / f"glm_{args.layout}.npz", args.layout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}: {len(model.state_dict())} tensors in the {args.layout} layout "
-          f"(SAT: num_layers={c.n_layer}, hidden_size={c.d_model}, num_attention_heads={c.n_head}, "
-          f"vocab_size={c.vocab_size}, max_sequence_length={c.max_len + 1})")
+          f"({interop.sat_args(model.config)})")
     return 0
