@@ -1,4 +1,4 @@
-"""Fine-tuning GLM as a cloze task (PET-style), with full fine-tuning or LoRA: GLM-REFERENCE.md §7.
+"""Fine-tuning GLM as a cloze task (PET-style), with full fine-tuning, LoRA or prefix tuning: GLM-REFERENCE.md §7.
 
 A classification example becomes a blank to fill. A *pattern* wraps the input around one ``[MASK]`` and each label
 has a *verbaliser*, the word that should fill the blank:
@@ -24,7 +24,10 @@ passage comes from them. With the character tokenizer the verbalisers "comedy", 
 each: the default scores the whole words (multi-token, ``--mode multi``), ``--mode first`` scores only their first
 characters c / t / h as single tokens (about 3x cheaper, a little worse in our runs).
 
-Left out: P-tuning (continuous prompts), the hinge/generative losses, and several patterns per task (PET's ensembles).
+The same ``finetune`` loop trains whatever requires a gradient: every weight, LoRA's adapters (``minglm/lora.py``) or
+P-tuning v2's per-layer prefixes (``minglm/prefix.py``).
+Left out: input-only continuous prompts (P-tuning v1), the hinge/generative losses, and several patterns per task
+(PET's ensembles).
 """
 
 from __future__ import annotations
@@ -259,7 +262,7 @@ def finetune(model, scorer: ClozeScorer, examples: list[EncodedExample], labels,
              lr: float, rng: np.random.Generator, weight_decay: float = 0.01, warmup: int = 0, clip: float = 1.0,
              log_every: int = 0, say=print) -> list[float]:
     """Minimise the cross-entropy of the gold label over the candidates' scores, with AdamW on every parameter that
-    requires a gradient (all of them, or only the LoRA adapters). Returns the loss of every step."""
+    requires a gradient (all of them, or only the LoRA adapters or the prefixes). Returns the loss of every step."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"finetune: steps and batch_size must be >= 1, got {steps} and {batch_size}")
     labels = np.asarray(labels, dtype=np.int64)

@@ -190,7 +190,8 @@ def test_cli_on_a_small_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| method | test accuracy |" in text and "zero-shot" in text and "LoRA" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"].split(" ")[0] for r in rows] == ["majority", "zero-shot", "full", "LoRA"]
+    assert [r["method"].split(" ")[0] for r in rows] == ["majority", "zero-shot", "full", "LoRA", "prefix"]
+    assert rows[-1]["trained_parameters"] == f"{2 * 1 * 16 * 16:,}"  # (key, value) × 1 layer × 16 × d_model 16
     assert rows[0]["accuracy"] == pytest.approx(1 / 3)
     assert (tmp_path / "adapters.npz").exists() and (tmp_path / "adapters.json").exists()
     assert finetune_command.main(["--run", str(tmp_path / "missing")]) == 2

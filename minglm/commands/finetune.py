@@ -2,8 +2,8 @@
 
 The task, the scoring and the fine-tuning loop are ``minglm.finetune``. This command finds the pretrained run
 (``--run``, else the newest run under ``runs/``, else it trains a quick 300-step tiny run first), builds the split by
-play, and prints one table: the majority baseline, zero-shot, full fine-tuning and LoRA, with their trained
-parameters and seconds.
+play, and prints one table: the majority baseline, zero-shot, full fine-tuning, LoRA and prefix tuning
+(``minglm.prefix``), with their trained parameters and seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from minglm.commands import train as train_command
 from minglm.finetune import DEFAULT_PATTERN, GENRES, ClozeScorer, ClozeTask, finetune, genre_task
 from minglm.lora import apply_lora, lora_summary, save_lora
+from minglm.prefix import apply_prefix, prefix_summary
 from minglm.runs import load_run, newest_run
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m minglm finetune",
         description="Cloze fine-tuning (GLM-REFERENCE §7) on the genre of Shakespeare passages, split by play: "
-                    "majority baseline, zero-shot, full fine-tuning and LoRA.")
+                    "majority baseline, zero-shot, full fine-tuning, LoRA and prefix tuning.")
     ap.add_argument("--run", help="pretrained run folder or checkpoint (default: the newest run under --out; "
                                   "if there is none, a quick tiny run is trained first)")
     ap.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-lr", type=float, default=3e-3, help="learning rate of LoRA")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--prefix-len", type=int, default=16, help="keys and values per layer of prefix tuning (0 = skip)")
+    ap.add_argument("--prefix-lr", type=float, default=1e-2, help="learning rate of prefix tuning")
     ap.add_argument("--length-penalty", type=float, default=0.0, help="divide multi-token scores by (k+1)^p")
     ap.add_argument("--mode", choices=("multi", "first", "single", "auto"), default="multi",
                     help="multi (default): sum of log-probs of the whole verbaliser words and <eop>; first: "
@@ -127,6 +130,20 @@ def _run(args) -> int:
     if args.save_lora:
         npz, meta = save_lora(model, args.save_lora)
         say(f"LoRA adapters saved to {npz} and {meta}")
+
+    if args.prefix_len:
+        model, _ = load_run(run)
+        t = time.perf_counter()
+        apply_prefix(model, args.prefix_len, np.random.default_rng(args.seed + 3))
+        n_train = sum(p.size for _, p in model.named_parameters() if p.requires_grad)
+        say(prefix_summary(model))
+        say(f"prefix tuning: {args.prefix_len} per layer, {args.steps} steps, lr {args.prefix_lr}")
+        finetune(model, scorer, train_ex, data.train_labels, args.steps, args.batch_size, args.prefix_lr,
+                 np.random.default_rng(args.seed + 1), weight_decay=0.0, warmup=args.steps // 10,
+                 log_every=max(args.steps // 5, 1))
+        acc = scorer.accuracy(model, test_ex, data.test_labels)
+        rows.append((f"prefix tuning ({args.prefix_len} per layer)", acc, f"{n_train:,}", time.perf_counter() - t))
+        say(f"prefix tuning accuracy {acc:.3f}")
 
     total = time.perf_counter() - t_start
     print()
