@@ -30,11 +30,13 @@ from minglm.data.batch import Batch, collate
 from minglm.data.blank import Sample, blank_infill, gmask_prefix
 from minglm.data.samplers import (
     TokenSpanSampler,
+    WordSpanSampler,
     choose_sentences,
     draw_gmask_bound,
     is_multi_document,
     place_spans,
     sentence_end_table,
+    word_edge_tables,
 )
 from minglm.tokenizer import CLS_ID, EOP_ID, EOS_ID, GMASK_ID, MASK_ID, N_SPECIAL, SMASK_ID, SOP_ID
 
@@ -63,9 +65,17 @@ class GLMObjective:
     block_position: bool = True  # False = the `--no-block-position` ablation (block ids all 1 in Part B)
     vocab_size: int = 0  # unused by GLM itself; kept so every objective has the same constructor
     sentence_end: np.ndarray | None = field(default=None, repr=False)  # (V,) bool, from the tokenizer
+    span_unit: str = "token"  # "word": token-level spans count whole words (WordSpanSampler), a named deviation
+    word_edges: tuple | None = field(default=None, repr=False)  # from the tokenizer, for span_unit="word"
     sampler: TokenSpanSampler = field(default_factory=TokenSpanSampler, repr=False)
 
     def __post_init__(self):
+        if self.span_unit not in ("token", "word"):
+            raise ValueError(f"GLMObjective.span_unit must be 'token' or 'word', got {self.span_unit!r}")
+        if self.span_unit == "word":
+            if self.word_edges is None:
+                raise ValueError("GLMObjective: span_unit='word' needs the tokenizer (make_objective(name, tokenizer))")
+            self.sampler = WordSpanSampler(*self.word_edges)
         if not (0 <= self.bert_prob and 0 <= self.sentence_prob and self.bert_prob + self.sentence_prob <= 1 + 1e-9):
             raise ValueError(f"GLMObjective: need 0 <= bert_prob, sentence_prob and their sum <= 1, got "
                              f"{self.bert_prob}, {self.sentence_prob}")
@@ -269,6 +279,8 @@ def make_objective(name: str = "glm-base", tokenizer=None, **overrides) -> Objec
             raise ValueError(f"make_objective: unknown GLMObjective fields {sorted(unknown)}; "
                              f"allowed {sorted(allowed)}")
         table = sentence_end_table(tokenizer) if tokenizer is not None else None
+        if params.get("span_unit") == "word" and tokenizer is not None:
+            params["word_edges"] = word_edge_tables(tokenizer)
         return GLMObjective(name=name, vocab_size=vocab_size, sentence_end=table, **params)
     cls = {"bert": BertObjective, "gpt": GPTObjective, "prefix": PrefixLMObjective, "t5": T5Objective}.get(name)
     if cls is None:

@@ -1,0 +1,73 @@
+"""Word-aligned blanks (span_unit="word"): spans count whole words, for both tokenizers, and never cut one."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minglm.data.objectives import make_objective
+from minglm.data.samplers import WordSpanSampler, word_edge_tables
+from minglm.tokenizer import CLS_ID, EOS_ID, BPETokenizer, CharTokenizer
+
+TEXT = ("To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles")
+
+
+def _tokenizers():
+    return [CharTokenizer.from_texts([TEXT]), BPETokenizer.train([TEXT] * 4, vocab_size=400)]
+
+
+def _is_letter_edge(text: str, i: int) -> bool:
+    """True when position i of text falls inside a word (a letter on both sides)."""
+    return 0 < i < len(text) and text[i - 1].isalpha() and text[i].isalpha()
+
+
+@pytest.mark.parametrize("tok", _tokenizers(), ids=["char", "bpe"])
+def test_word_spans_never_cut_a_word_and_start_at_its_space(tok):
+    ids = np.array([CLS_ID, *tok.encode(TEXT), EOS_ID])
+    sampler = WordSpanSampler(*word_edge_tables(tok), ratio=0.3)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        spans = sampler(ids, rng)
+        assert len(spans) and np.all(spans[:, 0] < spans[:, 1]) and np.all(spans[:-1, 1] < spans[1:, 0])
+        for a, b in spans:
+            left, inside = tok.decode(ids[1:a]), tok.decode(ids[a:b])
+            whole = left + inside
+            assert not _is_letter_edge(whole, len(left)), f"a span starts inside a word: {whole!r}"
+            right = tok.decode(ids[b:-1])
+            assert not _is_letter_edge(inside + right, len(inside)), f"a span ends inside a word: {inside!r}"
+            assert CLS_ID not in ids[a:b] and EOS_ID not in ids[a:b]
+
+
+def test_word_units_of_characters():
+    tok = CharTokenizer.from_texts([TEXT])
+    first, joins = word_edge_tables(tok)
+    ids = np.array(tok.encode("to be, or"))
+    starts = np.ones(len(ids), dtype=bool)
+    starts[1:] = ~(first[ids[1:]] & joins[ids[:-1]])
+    units = np.split(ids, np.flatnonzero(starts)[1:])
+    assert [tok.decode(u) for u in units] == ["to", " be", ",", " or"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ratio=st.sampled_from([0.15, 0.3, 0.5]))
+def test_word_objective_builds_valid_samples(seed, ratio):
+    tok = _tokenizers()[0]
+    ids = np.array([CLS_ID, *tok.encode(TEXT), EOS_ID])
+    obj = make_objective("glm-base", tok, span_unit="word", mask_ratio=ratio)
+    sample = obj.make_sample(ids, "token", np.random.default_rng(seed))
+    spans = sample.spans
+    assert len(spans) >= 1
+    # Part B holds each span once plus its <eop>, and Part A keeps everything else with one [MASK] per span
+    assert int(np.sum(sample.loss_mask)) == int(np.sum(spans[:, 1] - spans[:, 0])) + len(spans)
+    assert sample.sep == len(ids) - int(np.sum(spans[:, 1] - spans[:, 0])) + len(spans)
+    for a, b in spans:  # whole units: never a letter on both sides of an edge
+        text_left, inside = tok.decode(ids[1:a]), tok.decode(ids[a:b])
+        assert not _is_letter_edge(text_left + inside, len(text_left))
+
+
+def test_word_unit_needs_the_tokenizer_and_a_known_name():
+    with pytest.raises(ValueError, match="span_unit='word' needs the tokenizer"):
+        make_objective("glm-base", None, span_unit="word")
+    with pytest.raises(ValueError, match="span_unit must be 'token' or 'word'"):
+        make_objective("glm-base", _tokenizers()[0], span_unit="letter")
