@@ -5,9 +5,11 @@ One module per command, each with ``main(argv) -> exit code``:
     train      minglm/commands/train.py     train a GLM (the main job; no arguments = Shakespeare on the CPU)
     fill       minglm/commands/fill.py      fill [MASK] / [sMASK] / [gMASK] blanks with a trained run
     finetune   minglm/commands/finetune.py  cloze fine-tuning (genre of a Shakespeare passage), full and LoRA
+    eval       minglm/commands/eval.py      the fill benchmark of a run against word-counting baselines
     sample     minglm/commands/sample.py    print one sample of a corpus: Part A, Part B, positions, mask
     plot       minglm/commands/plot.py      pictures: mask, positions, spans, loss, attention
     export     minglm/commands/export.py    a run's weights as .npz under the official GLM (or SAT) names
+    ablate     minglm/commands/ablate.py    GLM-130B's switches, each on and off: one table, one plot
     bench      minglm/commands/bench.py     benchmarks: ops | data | train | generate | attention
 
 This layer owns what a library function should not: argparse, run folders, printing, demonstrations and plots
@@ -26,9 +28,11 @@ COMMANDS = {
     "train": "train a GLM (no arguments: the default config on Shakespeare, CPU)",
     "fill": "fill the blanks of a text with a trained run",
     "finetune": "cloze fine-tuning on the Shakespeare genre task (full and LoRA)",
+    "eval": "benchmarks of a trained run: `eval fill RUN` against word-counting baselines",
     "sample": "print one blank-infilling sample of a corpus: Part A, Part B, positions, mask",
     "plot": "draw masks, positions, span lengths, loss curves, attention weights",
     "export": "write a run's weights under the official GLM or SAT parameter names",
+    "ablate": "train with each GLM-130B switch on and off (--quick: a few minutes); one table, one plot",
     "bench": "benchmarks: ops | data | train | generate | attention",
 }
 
