@@ -36,6 +36,11 @@ class TrainConfig:
     mask_ratio: float = 0.5  # share of each window blanked by glm-* and bert. GLM uses 0.15 (the small/base
     # presets keep it); more Part-B targets per step learned much faster in the few CPU minutes of the main job:
     # val loss after 4000 steps 2.07 at 0.3 and 1.8 at 0.5 (measured; 0.15 was still at 2.3-2.5)
+    span_unit: str = "token"  # token | word: what a span length counts for the glm-* token-level blanks.
+    # "word" is a named deviation from GLM (whose spans are over word pieces): spans cover whole words with their
+    # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler)
+    tokenizer: str = "char"  # char | bpe (byte-level BPE trained on the train documents at the start of the run)
+    bpe_vocab: int = 4096  # ids of the BPE tokenizer, specials and the 256 bytes included
     val_fraction: float = 0.1  # share of documents held out for validation (split by document, seeded)
     seq_len: int = 64  # tokens per window before blanking (Part A + Part B is a little longer)
     batch_size: int = 8  # windows per micro-batch. On 2 cores, progress went with the number of steps much more
@@ -94,6 +99,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not self.eps > 0:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
+        if self.span_unit not in ("token", "word"):
+            raise ValueError(f"TrainConfig.span_unit must be token or word, got {self.span_unit!r}")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"TrainConfig.tokenizer must be char or bpe, got {self.tokenizer!r}")
+        if not isinstance(self.bpe_vocab, int) or isinstance(self.bpe_vocab, bool) or self.bpe_vocab < 264:
+            raise ValueError(f"TrainConfig.bpe_vocab must be an integer >= 264 (8 specials + 256 bytes), "
+                             f"got {self.bpe_vocab!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or gpu, got {self.device!r}")
 

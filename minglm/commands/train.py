@@ -34,7 +34,7 @@ from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
 from minglm.runs import run_meta
 from minglm.tensor import Tensor
-from minglm.tokenizer import CharTokenizer, load_tokenizer
+from minglm.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from minglm.train import Trainer, unigram_baseline
 
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
@@ -183,9 +183,20 @@ def _model_config(preset: str | None, model: dict, train: TrainConfig, vocab_siz
         raise ValueError(f"model config: {e}") from e
 
 
+def make_tokenizer(cfg: TrainConfig, corpus):
+    """A new run's tokenizer: every character of the corpus, or byte-level BPE learned on the train documents."""
+    if cfg.tokenizer == "bpe":
+        return BPETokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
+    return CharTokenizer.from_texts(corpus.docs)
+
+
 def _objective_overrides(cfg: TrainConfig) -> dict:
     """Data settings from the config that the objective takes (mask_ratio: the GLM mixtures and BERT only)."""
-    if cfg.objective in GLM_PRESETS or cfg.objective == "bert":
+    if cfg.objective in GLM_PRESETS:
+        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit}
+    if cfg.span_unit != "token":
+        raise ValueError(f"TrainConfig.span_unit={cfg.span_unit!r} applies to the glm-* objectives only")
+    if cfg.objective == "bert":
         return {"mask_ratio": cfg.mask_ratio}
     if cfg.mask_ratio != TrainConfig.mask_ratio:
         raise ValueError(f"TrainConfig.mask_ratio does not apply to the {cfg.objective!r} objective")
@@ -242,7 +253,7 @@ def _run(args, t_main: float) -> int:
     if args.resume:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     else:
-        tokenizer = CharTokenizer.from_texts(corpus.docs)
+        tokenizer = make_tokenizer(cfg, corpus)
     train_ids, val_ids = encode_corpus(corpus, tokenizer)
     if not val_ids:
         raise ValueError(f"corpus {cfg.corpus!r} has no validation documents (it needs at least two documents)")
