@@ -119,9 +119,34 @@ def _erf(x):
     return xp.copysign(out, x)
 
 
-class GeLUTanh(Function):
-    """GLM's GeLU (§4): 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³), c = √(2/π).
+def gelu_tanh_into(x, x2, t, out) -> None:
+    """GLM's GeLU (§4) of the array x, written into out: 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³), c = √(2/π).
 
+    x2 = x² and t = tanh(u) are left in their buffers for the backward. The one place the formula is written: the
+    ``GeLUTanh`` op runs it on pieces of a large array, ``gelu_tanh_array`` (inference) on a whole small one.
+    """
+    xp = get_xp(x)
+    xp.multiply(x, x, out=x2)
+    xp.multiply(x2, 0.044715, out=t)  # u = c·(x + 0.044715·x³), built in t's buffer
+    t *= x
+    t += x
+    t *= _GELU_C
+    xp.tanh(t, out=t)
+    xp.add(t, 1.0, out=out)
+    out *= x
+    out *= 0.5
+
+
+def gelu_tanh_array(x):
+    """GeLU of a plain array, no graph (decoding: ``nn`` layers' ``infer``)."""
+    xp = get_xp(x)
+    out = xp.empty_like(x)
+    gelu_tanh_into(x, xp.empty_like(x), xp.empty_like(x), out)
+    return out
+
+
+class GeLUTanh(Function):
+    """GLM's GeLU (§4), ``gelu_tanh_into`` with its derivative
     d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
     Both directions work on the flat array in cache-sized pieces, spread over the CPU cores (``minglm.parallel``).
     """
@@ -133,16 +158,7 @@ class GeLUTanh(Function):
         x2, t, out = xp.empty_like(xf), xp.empty_like(xf), xp.empty_like(xf)
 
         def piece(r):
-            xr, tr, outr = xf[r], t[r], out[r]
-            xp.multiply(xr, xr, out=x2[r])
-            xp.multiply(x2[r], 0.044715, out=tr)  # u = c·(x + 0.044715·x³), built in t's buffer
-            tr *= xr
-            tr += xr
-            tr *= _GELU_C
-            xp.tanh(tr, out=tr)
-            xp.add(tr, 1.0, out=outr)
-            outr *= xr
-            outr *= 0.5
+            gelu_tanh_into(xf[r], x2[r], t[r], out[r])
 
         parallel.parallel_for(piece, parallel.pieces(xf.size, on_gpu=is_cupy(x)))
         ctx.x, ctx.x2, ctx.t = xf, x2, t
@@ -217,8 +233,9 @@ def sigmoid(x: Tensor) -> Tensor:
 # --- softmax family -------------------------------------------------------------------------------------------
 
 
-def _softmax_array(x, axis: int):
-    """A stable softmax: subtract the max so exp never overflows (extreme logits such as ±1000 stay finite)."""
+def softmax_array(x, axis: int = -1):
+    """A stable softmax of a plain array (a new array): subtract the max so exp never overflows (extreme logits such
+    as ±1000 stay finite). The ``Softmax`` op and the attention of decoding (``SelfAttention.infer``) use it."""
     xp = get_xp(x)
     s = x - x.max(axis=axis, keepdims=True)
     xp.exp(s, out=s)
@@ -239,7 +256,7 @@ class Softmax(Function):
     @staticmethod
     def forward(ctx, x, axis=-1):
         ctx.axis = axis
-        ctx.out = _softmax_array(x, axis)
+        ctx.out = softmax_array(x, axis)
         return ctx.out
 
     @staticmethod
@@ -338,8 +355,31 @@ def cross_entropy(logits: Tensor, targets, mask=None) -> Tensor:
 # --- normalisation, embedding, linear -------------------------------------------------------------------------
 
 
+def layer_norm_rows(x, weight, bias, eps: float, out, xhat, rstd) -> None:
+    """LayerNorm of the rows of x (n, C) into out (n, C); x̂ = (x − μ)/σ into xhat and 1/σ into rstd (n, 1), which
+    the backward needs. ``xhat`` may be ``out`` when nothing is kept. The one place the formula is written: the
+    ``LayerNorm`` op runs it on pieces of rows, ``layer_norm_array`` (inference) on all of them."""
+    xp = get_xp(x)
+    inv_c = 1.0 / x.shape[-1]  # sum·(1/C) rather than mean(): ndarray.mean runs Python code, which shows in decoding
+    xc = xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=xhat)
+    var = xp.einsum("nc,nc->n", xc, xc)[:, None] * inv_c
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+    xc *= rstd  # x̂
+    y = xp.multiply(xc, weight, out=out)
+    if bias is not None:
+        y += bias
+
+
+def layer_norm_array(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm of a plain (n, C) array, no graph (decoding: ``nn.LayerNorm.infer``)."""
+    xp = get_xp(x)
+    out = xp.empty_like(x)
+    layer_norm_rows(x, weight, bias, eps, out, out, xp.empty((x.shape[0], 1), dtype=x.dtype))
+    return out
+
+
 class LayerNorm(Function):
-    """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps).
+    """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps) (``layer_norm_rows``).
 
     With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward is
         dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂)),   dw = Σ dy ⊙ x̂,   db = Σ dy,
@@ -362,13 +402,7 @@ class LayerNorm(Function):
         rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
 
         def piece(r):
-            xc = xp.subtract(x2[r], x2[r].mean(axis=-1, keepdims=True), out=xhat[r])
-            var = xp.einsum("nc,nc->n", xc, xc)[:, None] * (1.0 / C)
-            xp.divide(1.0, xp.sqrt(var + eps), out=rstd[r])
-            xc *= rstd[r]  # x̂
-            y = xp.multiply(xc, weight, out=out[r])
-            if bias is not None:
-                y += bias
+            layer_norm_rows(x2[r], weight, bias, eps, out[r], xhat[r], rstd[r])
 
         parallel.parallel_for(piece, parallel.pieces(x2.shape[0], C, on_gpu=is_cupy(x)))
         ctx.xhat, ctx.rstd, ctx.weight = xhat, rstd, weight
@@ -779,6 +813,20 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
 # --- GLM-130B's ops (Zeng et al. 2022, "GLM-130B", §2.1-§3 and App. B) -------------------------------------------
 
 
+def _geglu_parts(u):
+    """The halves a, b of u = [a | b], Φ(b) and GeLU(b) = b·Φ(b): the forward of GeGLU, shared with inference."""
+    half = u.shape[-1] // 2
+    a, b = u[..., :half], u[..., half:]
+    cdf = (0.5 * (1.0 + _erf(b * (1.0 / math.sqrt(2.0))))).astype(u.dtype, copy=False)
+    return a, b, cdf, b * cdf
+
+
+def geglu_array(u):
+    """a ⊙ GeLU_erf(b) of a plain array u = [a | b], no graph (decoding: ``MLP.infer``)."""
+    a, _, _, gelu_b = _geglu_parts(u)
+    return a * gelu_b
+
+
 class GeGLU(Function):
     """GLM-130B's gated FFN activation (§2.1): split u (..., 2F) into halves [a | b] and return a ⊙ GeLU(b).
 
@@ -792,10 +840,7 @@ class GeGLU(Function):
         xp = get_xp(u)
         if u.shape[-1] % 2:
             raise ValueError(f"geglu: the last dim holds two halves and must be even, got shape {u.shape}")
-        half = u.shape[-1] // 2
-        a, b = u[..., :half], u[..., half:]
-        cdf = (0.5 * (1.0 + _erf(b * (1.0 / math.sqrt(2.0))))).astype(u.dtype, copy=False)
-        gelu_b = b * cdf
+        a, b, cdf, gelu_b = _geglu_parts(u)
         ctx.a, ctx.b, ctx.cdf, ctx.gelu_b = a, b, cdf, gelu_b
         return xp.multiply(a, gelu_b)
 
@@ -825,6 +870,13 @@ def _rotate_half(x, groups: int):
     return out.reshape(shape)
 
 
+def rope_array(x, cos, sin, groups: int = 1):
+    """x ⊙ cos + rot(x) ⊙ sin on plain arrays (the forward of ``RoPE``, and decoding's ``SelfAttention.infer``)."""
+    out = x * cos
+    out += _rotate_half(x, groups) * sin
+    return out
+
+
 class RoPE(Function):
     """Rotary position embedding (Su et al. 2021) in the rotate-half layout of GPT-NeoX and SAT.
 
@@ -840,9 +892,7 @@ class RoPE(Function):
         if x.shape[-1] % (2 * groups):
             raise ValueError(f"rope: the head size {x.shape[-1]} must split into {groups} chunk(s) of even size")
         ctx.cos, ctx.sin, ctx.groups = cos, sin, groups
-        out = x * cos
-        out += _rotate_half(x, groups) * sin
-        return out
+        return rope_array(x, cos, sin, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -920,7 +970,7 @@ class FP32SoftmaxAttention(Function):
         s *= coeff
         if allowed is not None:
             xp.copyto(s, np.finfo(acc).min, where=~xp.asarray(allowed, dtype=bool))
-        p = _softmax_array(s, -1).astype(q.dtype, copy=False)
+        p = softmax_array(s, -1).astype(q.dtype, copy=False)
         pk = p * keep if keep is not None else p
         ctx.qs, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale, ctx.coeff, ctx.acc = qs, k, v, p, keep, scale, coeff, acc
         return pk @ v

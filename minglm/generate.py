@@ -12,11 +12,9 @@ This follows GLM-REFERENCE.md §6 (the official ``generate_samples.py``) step by
    is never fed back. The cache keeps growing, so a later blank sees the earlier fills, exactly like the
    "antecedent spans" of Part B in training.
 
-Two decoders implement steps 2-3 and give the same logits:
-- ``CachedDecoder``: the model's own ``forward(..., cache=KVCache)``, the readable path;
-- ``FastDecoder``: the same arithmetic in plain array code on the model's weights, with no Tensor objects, no graph
-  and preallocated buffers, because decoding one token is bound by per-op overhead (PERFORMANCE.md).
-Both are tested against a full recomputation without any cache (``recompute_logits``).
+Steps 2-3 run the model's own layers with its ``KVCache`` (``CachedDecoder``), by default through ``GLM.infer``,
+the array-level twin of ``GLM.forward`` that sits beside it in minglm/model.py; ``decoder="cached"`` takes
+``GLM.forward`` itself. Both are tested against a full recomputation without any cache (``recompute_logits``).
 
 Left out on purpose: beam search, batching several prompts, and repetition penalties (the official interactive
 script has none of them either).
@@ -24,7 +22,6 @@ script has none of them either).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minglm.backend import get_xp, to_numpy
+from minglm.model import KVCache
 from minglm.tensor import no_grad
 
 # The blank markers a user may type (the same three the tokenizer turns into special ids).
@@ -164,201 +162,58 @@ def top_candidates(logits: np.ndarray, n: int, temperature: float = 1.0) -> list
 
 
 class CachedDecoder:
-    """Decoding through ``model.forward`` with the model's ``KVCache`` (the plain, readable path).
+    """Encode the context once, then feed one token at a time, with the model's ``KVCache``.
 
-    ``prefill(ids)`` encodes the context with sep = len (all bidirectional) and returns its logits (n, V);
-    ``step(token, pos, block)`` feeds one token causally (sep = 0) and returns its logits (V,). Both return NumPy.
+    ``prefill(ids)`` encodes the context with sep = its length (all bidirectional) and returns its logits (n, V);
+    ``step(token, pos, block)`` feeds one token causally (sep = 0) against everything cached and returns its logits
+    (V,). Both return NumPy. Two paths through the same layers, with the same logits:
+
+    - ``fast=True``: ``GLM.infer``, each layer's array-level ``infer`` method, with no Tensor objects and no graph.
+      One decoding step of a small model is a chain of tiny matrix-vector products, so its time is per-call
+      overhead rather than arithmetic, and skipping the Tensor engine about doubles the tokens per second;
+    - ``fast=False``: ``GLM.forward`` under ``no_grad``, the Tensor path that training uses.
     """
 
-    def __init__(self, model, capacity: int, xp=None):
-        from minglm.model import KVCache
+    def __init__(self, model, capacity: int, fast: bool = True):
+        self.model, self.fast = model, fast
+        self.cache = KVCache(model, 1, capacity)
+        self.xp = get_xp(model.word_embeddings.weight.data)
 
-        self.model = model
-        self.xp = xp or _model_xp(model)
-        self.cache = KVCache(model, 1, capacity, xp=self.xp)
-        self.length = 0
+    @property
+    def length(self) -> int:
+        """How many tokens the cache holds."""
+        return self.cache.length
 
-    def _forward(self, tokens, pos, block, sep: int) -> np.ndarray:
+    def _run(self, tokens, pos, block, sep: int) -> np.ndarray:
         xp = self.xp
-        with no_grad():
-            logits = self.model.forward(
-                xp.asarray(tokens, dtype=np.int64).reshape(1, -1),
-                xp.asarray(pos, dtype=np.int64).reshape(1, -1),
-                xp.asarray(block, dtype=np.int64).reshape(1, -1),
-                xp.asarray([sep], dtype=np.int64),
-                cache=self.cache,
-            )
-        self.length += len(tokens)
-        return to_numpy(logits.data)[0]
+        args = (xp.asarray(tokens, dtype=np.int64).reshape(1, -1), xp.asarray(pos, dtype=np.int64).reshape(1, -1),
+                xp.asarray(block, dtype=np.int64).reshape(1, -1), xp.asarray([sep], dtype=np.int64))
+        if self.fast:
+            logits = self.model.infer(*args, cache=self.cache)  # (1, T, V) array
+        else:
+            with no_grad():
+                logits = self.model.forward(*args, cache=self.cache).data  # (1, T, V)
+        return to_numpy(logits)[0]
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
-        return self._forward(ids, np.arange(n), np.zeros(n, dtype=np.int64), sep=n)
+        return self._run(ids, np.arange(n), np.zeros(n, dtype=np.int64), sep=self.length + n)
 
     def step(self, token: int, pos: int, block: int) -> np.ndarray:
-        return self._forward([token], [pos], [block], sep=0)[0]
+        return self._run([token], [pos], [block], sep=0)[0]
 
 
-def _model_xp(model):
-    """The array module that holds the model's weights."""
-    for _, p in model.named_parameters():
-        return get_xp(p.data)
-    return np
-
-
-class FastDecoder:
-    """The same decoding as ``CachedDecoder``, written directly on the model's weight arrays.
-
-    Why it exists: one decoding step of a 4-layer model is about 8 MFLOP, so its time is the per-op overhead of
-    Python and the Tensor engine, not arithmetic (PERFORMANCE.md). Here a step is about 25 array calls per layer
-    with no Tensor objects, no graph, no input checks and a preallocated cache (L, nh, capacity, hs). The weights
-    are read by reference, so the decoder sees the model's current parameters; it must be rebuilt if they are
-    replaced by new arrays (e.g. ``model.to("gpu")``). Tested against ``CachedDecoder`` and ``recompute_logits``.
-    """
-
-    def __init__(self, model, capacity: int):
-        if not self.supports(model):
-            raise ValueError("FastDecoder: the model's layers are not plain GLM blocks (adapters?); use CachedDecoder")
-        cfg = model.config
-        self.config = cfg
-        self.nh, self.hs, self.C = cfg.n_head, cfg.head_size, cfg.d_model
-        self.eps = float(cfg.layernorm_eps)
-        self.wte = model.word_embeddings.weight.data  # (V, C), also the output head
-        self.wpe = model.position_embeddings.weight.data  # (max_len + 1, C)
-        self.wbe = model.block_position_embeddings.weight.data  # (max_len + 1, C)
-        self.lnf = (model.final_layernorm.weight.data, model.final_layernorm.bias.data)
-        self.layers = []
-        for blk in model.layers:
-            a, m = blk.attention, blk.mlp
-            self.layers.append((
-                blk.input_layernorm.weight.data, blk.input_layernorm.bias.data,
-                a.query_key_value.weight.data, a.query_key_value.bias.data,  # (3C, C), (3C,)
-                a.dense.weight.data, a.dense.bias.data,  # (C, C), (C,)
-                blk.post_attention_layernorm.weight.data, blk.post_attention_layernorm.bias.data,
-                m.dense_h_to_4h.weight.data, m.dense_h_to_4h.bias.data,  # (4C, C), (4C,)
-                m.dense_4h_to_h.weight.data, m.dense_4h_to_h.bias.data,  # (C, 4C), (C,)
-            ))
-        self.xp = get_xp(self.wte)
-        shape = (cfg.n_layer, self.nh, capacity, self.hs)
-        self.k = self.xp.zeros(shape, dtype=self.wte.dtype)  # (L, nh, capacity, hs)
-        self.v = self.xp.zeros(shape, dtype=self.wte.dtype)  # (L, nh, capacity, hs)
-        self.capacity, self.length = capacity, 0
-        self.scale = 1.0 / math.sqrt(self.hs)
-        # index arrays of length 1 for every token / position id, made once: a step then does no list->array work
-        self._one_tok = self.xp.arange(self.wte.shape[0]).reshape(-1, 1)  # (V, 1)
-        self._one_pos = self.xp.arange(self.wpe.shape[0]).reshape(-1, 1)  # (max_len + 1, 1)
-
-    @staticmethod
-    def supports(model) -> bool:
-        """True when every block holds the plain nn.Linear / nn.LayerNorm layers this decoder reads."""
-        from minglm.nn import LayerNorm, Linear
-
-        try:
-            for blk in model.layers:
-                mods = (blk.attention.query_key_value, blk.attention.dense, blk.mlp.dense_h_to_4h,
-                        blk.mlp.dense_4h_to_h)
-                if any(type(m) is not Linear or m.bias is None for m in mods):
-                    return False
-                if type(blk.input_layernorm) is not LayerNorm or type(blk.post_attention_layernorm) is not LayerNorm:
-                    return False
-            return type(model.final_layernorm) is LayerNorm
-        except AttributeError:
-            return False
-
-    # The step is written as a few named parts so that ``python -m minglm bench generate --profile`` can time each
-    # one by wrapping it; the calls cost about a microsecond each.
-
-    def _embed(self, tokens, pos, block):
-        return self.wte[tokens] + self.wpe[pos] + self.wbe[block]  # (T, C)
-
-    def _ln(self, x, w, b):
-        xp = self.xp
-        inv_c = 1.0 / self.C  # sum * (1/C): ndarray.mean goes through Python code, sum does not
-        xc = x - x.sum(axis=-1, keepdims=True) * inv_c
-        var = (xc * xc).sum(axis=-1, keepdims=True) * inv_c
-        xc *= 1.0 / xp.sqrt(var + self.eps)
-        xc *= w
-        xc += b
-        return xc
-
-    @staticmethod
-    def _linear(x, w, b):
-        y = x @ w.T
-        y += b
-        return y
-
-    def _attention(self, li: int, qkv, L0: int, end: int, mask):
-        """Append the new keys and values to layer li's cache and attend over everything cached: (T, C)."""
-        xp, nh, hs = self.xp, self.nh, self.hs
-        T = qkv.shape[0]
-        qkv = qkv.reshape(T, 3, nh, hs)
-        self.k[li, :, L0:end] = qkv[:, 1].transpose(1, 0, 2)  # (nh, T, hs)
-        self.v[li, :, L0:end] = qkv[:, 2].transpose(1, 0, 2)
-        q = qkv[:, 0].transpose(1, 0, 2) * self.scale  # (nh, T, hs)
-        s = q @ self.k[li, :, :end].transpose(0, 2, 1)  # (nh, T, end)
-        if mask is not None:
-            s = xp.where(mask, s, -np.inf)
-        s -= s.max(axis=-1, keepdims=True)
-        xp.exp(s, out=s)
-        s *= 1.0 / s.sum(axis=-1, keepdims=True)
-        return (s @ self.v[li, :, :end]).transpose(1, 0, 2).reshape(T, self.C)  # (T, C): heads side by side
-
-    def _gelu(self, u):
-        """tanh GeLU: 0.5 u (1 + tanh(c (u + 0.044715 u^3)))."""
-        g = self.xp.tanh((u + 0.044715 * (u * u * u)) * 0.7978845608028654)
-        g += 1.0
-        g *= u
-        g *= 0.5
-        return g
-
-    def _logits(self, h):
-        return to_numpy(h @ self.wte.T)  # (T, V): the tied head
-
-    def _run(self, tokens, pos, block, sep: int):
-        """Feed T new tokens after the ``length`` cached ones; key j is visible to new token i (absolute index
-        length + i) when j < sep or j <= length + i. Returns logits (T, V)."""
-        xp = self.xp
-        T, L0 = len(tokens), self.length
-        end = L0 + T
-        if end > self.capacity:
-            raise ValueError(f"FastDecoder: the cache holds {L0} of {self.capacity} positions, cannot take {T} more")
-        x = self._embed(tokens, pos, block)  # (T, C)
-        mask = None
-        if T > 1 and sep < end:  # some new tokens must not see later ones (causal part)
-            j = xp.arange(end)[None, :]
-            i = xp.arange(T)[:, None] + L0
-            mask = (j < sep) | (j <= i)  # (T, end)
-        for li, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wup, bup, wdn, bdn) in enumerate(self.layers):
-            qkv = self._linear(self._ln(x, w1, b1), wqkv, bqkv)  # (T, 3C)
-            x += self._linear(self._attention(li, qkv, L0, end, mask), wo, bo)
-            u = self._linear(self._ln(x, w2, b2), wup, bup)  # (T, 4C)
-            x += self._linear(self._gelu(u), wdn, bdn)
-        self.length = end
-        return self._logits(self._ln(x, *self.lnf))  # (T, V)
-
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        n = len(ids)
-        xp = self.xp
-        return self._run(xp.asarray(ids), xp.arange(n), xp.zeros(n, dtype=np.int64), sep=self.length + n)
-
-    def step(self, token: int, pos: int, block: int) -> np.ndarray:
-        return self._run(self._one_tok[token], self._one_pos[pos], self._one_pos[block], sep=0)[0]
-
-
-def make_decoder(model, capacity: int, kind: str = "auto"):
-    """``"fast"`` (plain arrays, ``FastDecoder``), ``"cached"`` (model.forward with ``KVCache``), or ``"auto"``:
-    fast when the model is a plain GLM (no adapters in its layers), else cached."""
+def make_decoder(model, capacity: int, kind: str = "auto") -> CachedDecoder:
+    """``"fast"`` (``GLM.infer``), ``"cached"`` (``GLM.forward`` with the Tensor engine), or ``"auto"`` (fast)."""
     if kind not in ("auto", "fast", "cached"):
         raise ValueError(f"make_decoder: kind must be 'auto', 'fast' or 'cached', got {kind!r}")
-    if kind == "cached" or (kind == "auto" and not FastDecoder.supports(model)):
-        return CachedDecoder(model, capacity)
-    return FastDecoder(model, capacity)
+    return CachedDecoder(model, capacity, fast=kind != "cached")
 
 
 def recompute_logits(model, tokens, position_ids, block_position_ids, sep: int) -> np.ndarray:
     """Logits (T, V) of one full forward over a whole sequence, no cache: the reference a cached decoder must
     equal. The sequence is ``context + <sop> fill ...`` with GLM's 2D positions and ``sep`` = the context length."""
-    xp = _model_xp(model)
+    xp = get_xp(model.word_embeddings.weight.data)
     with no_grad():
         logits = model.forward(
             xp.asarray(tokens, dtype=np.int64).reshape(1, -1),

@@ -66,6 +66,13 @@ class LoRALinear(Linear):
         low = F.linear(x, self.lora_A)  # (..., r)
         return y + F.linear(low, self.lora_B) * self.scaling  # (..., out)
 
+    def infer(self, x):
+        """``forward`` on a plain array (decoding), so a model with adapters decodes on the fast path too."""
+        y = super().infer(x)  # (..., out): the frozen base
+        if not self.merged:
+            y += ((x @ self.lora_A.data.T) @ self.lora_B.data.T) * self.scaling  # (..., out)
+        return y
+
     def merge(self) -> None:
         if not self.merged:
             self.weight.data[...] += self.delta()

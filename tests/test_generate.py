@@ -165,7 +165,7 @@ def test_float64_model_is_exact():
     model = small_model(seed=4).astype(np.float64)
     rec = []
     r = G.fill(model, TOK, "a [MASK] b [MASK] c", G.Sampling(temperature=2.0, max_len=5), np.random.default_rng(0),
-               decoder=lambda m, c: rec.append(Recording(G.FastDecoder(m, c))) or rec[-1])
+               decoder=lambda m, c: rec.append(Recording(G.CachedDecoder(m, c))) or rec[-1])
     ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
     np.testing.assert_allclose(np.stack(rec[0].logits), ref, rtol=0, atol=1e-10)
 

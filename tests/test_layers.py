@@ -25,7 +25,9 @@ LAYERS = [
     ("model", ["minglm.model"]),
     ("data", ["minglm.tokenizer", "minglm.data"]),
     ("training", ["minglm.config", "minglm.optim", "minglm.checkpoint", "minglm.runs", "minglm.train"]),
-    ("use", ["minglm.generate", "minglm.finetune", "minglm.lora", "minglm.interop", "minglm.fill_eval"]),
+    ("use", ["minglm.generate", "minglm.finetune", "minglm.lora", "minglm.prefix", "minglm.interop",
+             "minglm.fill_eval"]),
+    ("experiments", ["minglm.ablate"]),
     ("course", ["minglm.exercises", "minglm.testing"]),
     ("bench", ["minglm.bench"]),
     ("commands", ["minglm.commands", "minglm.__main__"]),
@@ -37,7 +39,7 @@ def layer_of(module: str) -> int | None:
     best, best_len = None, -1
     for rank, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+            if (module == p or (p != "minglm" and module.startswith(p + "."))) and len(p) > best_len:
                 best, best_len = rank, len(p)
     return best
 

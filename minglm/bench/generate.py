@@ -3,12 +3,12 @@
 Setup (PERFORMANCE.md, "Attention and decoding"): the small config (4 layers, d 256, 8 heads) with random weights,
 a 256-token context encoded once, then 200 greedy tokens generated for one blank. Three ways are timed:
 
-- ``fast cache``: ``generate.FastDecoder``, plain array code on the weights with a preallocated cache;
-- ``model cache``: ``generate.CachedDecoder``, ``GLM.forward(..., cache=KVCache)`` under ``no_grad`` (Tensor ops);
+- ``fast cache``: ``GLM.infer`` with the ``KVCache``, each layer's array-level ``infer`` method (no Tensor objects);
+- ``model cache``: ``GLM.forward(..., cache=KVCache)`` under ``no_grad``, through the Tensor engine;
 - ``recompute``: a full forward over context + everything generated so far for each new token, no cache (O(T²)).
 
-All three must produce the same tokens; the table says so. The per-token path of the fast decoder is profiled
-by category with ``--profile``. Target: >= 1,000 tokens/s with the cache on 2 cores.
+All three must produce the same tokens; the table says so. ``--profile`` times the fast path's step by the layer
+method it spends its time in. Target: >= 1,000 tokens/s with the cache on 2 cores.
 
 One decoding step is a chain of tiny matrix-vector products, so BLAS threads help little, and on a busy machine two
 spinning OpenBLAS threads can make every product many times slower: compare ``OPENBLAS_NUM_THREADS=1`` (set it before
@@ -23,7 +23,9 @@ import time
 
 import numpy as np
 
-from minglm.generate import CachedDecoder, FastDecoder, recompute_logits
+from minglm.generate import make_decoder, recompute_logits
+from minglm.model import GLM, MLP, Block, GLMConfig, SelfAttention
+from minglm.nn import Embedding, LayerNorm, Linear
 from minglm.tensor import no_grad
 
 
@@ -64,29 +66,44 @@ def _recompute(model, context: np.ndarray, n_new: int, sop: int, mask_pos: int) 
     return out, time.perf_counter() - t0
 
 
-def _profile(dec: FastDecoder, context: np.ndarray, n_new: int, sop: int, mask_pos: int) -> list[tuple[str, float]]:
-    """Time the parts of one decoding step separately (us per token): embeddings, LayerNorm, GEMMs (with their
-    bias), attention, GeLU, the head, and whatever is left (Python, argmax). Each named part of the decoder is
-    wrapped with a clock on this instance only, so the timed code is the decoder's own."""
-    parts = {"_embed": "embedding", "_ln": "layernorm", "_linear": "gemm", "_attention": "attention",
-             "_gelu": "gelu", "_logits": "head"}
+def _profile(model, capacity: int, context: np.ndarray, n_new: int, sop: int,
+             mask_pos: int) -> list[tuple[str, float]]:
+    """Time the fast path's step by part (us per token). Every ``infer`` method of the model's modules is wrapped
+    with a clock on this model instance only, so the timed code is the model's own; a method's time excludes the
+    methods it calls (a SelfAttention's time is its attention arithmetic, not its two projections)."""
+    parts = {Embedding: "embedding", LayerNorm: "layernorm", Linear: "gemm", SelfAttention: "attention",
+             MLP: "gelu", Block: "residual adds", GLM: "checks, rotary, head"}
     cats = dict.fromkeys(parts.values(), 0.0)
     clock = time.perf_counter
+    inner = [0.0]  # time spent in wrapped calls below the current one
 
     def timed(fn, cat):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
+            outer, inner[0] = inner[0], 0.0
             t = clock()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
-                cats[cat] += clock() - t
+                spent = clock() - t
+                cats[cat] += spent - inner[0]
+                inner[0] = outer + spent
         return wrapper
 
-    dec.length = 0
-    dec.prefill(context)
-    for method, cat in parts.items():
-        setattr(dec, method, timed(getattr(dec, method), cat))  # an instance attribute shadows the method
-    _, total = _decode_steps(dec, n_new, sop, mask_pos)
+    wrapped = []
+    for _, module in model.named_modules():
+        cat = next((c for kind, c in parts.items() if isinstance(module, kind)), None)
+        if cat is not None:
+            module.infer = timed(module.infer, cat)  # an instance attribute shadows the method
+            wrapped.append(module)
+    try:
+        dec = make_decoder(model, capacity, "fast")
+        dec.prefill(context)
+        for c in cats:
+            cats[c] = 0.0
+        _, total = _decode_steps(dec, n_new, sop, mask_pos)
+    finally:
+        for module in wrapped:
+            del module.infer
     rows = list(cats.items())
     rows.append(("python / other", total - sum(cats.values())))
     rows.append(("total", total))
@@ -105,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recompute-new", type=int, default=None,
                     help="tokens for the (slow) recompute run; default: the same as --new")
     ap.add_argument("--repeat", type=int, default=3, help="take the best of this many cached runs")
-    ap.add_argument("--profile", action="store_true", help="time the fast decoder's step by category")
+    ap.add_argument("--profile", action="store_true", help="time the fast path's step by part")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-
-    from minglm.model import GLM, GLMConfig
 
     n_ctx, n_new = args.context, args.new
     max_len = max(n_ctx, n_new + 1)
@@ -124,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     capacity = n_ctx + n_new + 1
 
     results = {}
-    for name, make in (("fast cache", lambda: FastDecoder(model, capacity)),
-                       ("model cache", lambda: CachedDecoder(model, capacity))):
+    for name, kind in (("fast cache", "fast"), ("model cache", "cached")):
         best = None
         for _ in range(args.repeat):
-            out, t_pre, t_dec = _decode(make(), context, n_new, sop, mask_pos)
+            out, t_pre, t_dec = _decode(make_decoder(model, capacity, kind), context, n_new, sop, mask_pos)
             if best is None or t_dec < best[2]:
                 best = (out, t_pre, t_dec)
         results[name] = best
@@ -153,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncache speed-up over recompute: {speedup:.0f}x per token")
 
     if args.profile:
-        print("\nfast decoder, one step by category (us per token):")
+        print("\nfast path (GLM.infer), one step by part (us per token):")
         print("| part | us/token |")
         print("|---|---|")
-        for name, us in _profile(FastDecoder(model, capacity), context, n_new, sop, mask_pos):
+        for name, us in _profile(model, capacity, context, n_new, sop, mask_pos):
             print(f"| {name} | {us:.1f} |")
     return 0
 
