@@ -406,13 +406,15 @@ class GLM(Module):
         return cos, sin, len(ids)
 
     def forward(self, tokens, position_ids, block_position_ids, sep, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None) -> Tensor:
+                rng: np.random.Generator | None = None, rows=None) -> Tensor:
         """Logits (B, T, V) for int arrays tokens / position_ids / block_position_ids (B, T) and sep (B,).
 
         Key j is visible to query i when j < sep[b] (Part A) or j <= i. With a ``cache`` the new K/V are appended
         and the queries attend over everything cached so far (sep counts from the start of the cache); the cached
         K/V carry no gradient, so use a cache for inference only.
         ``rng`` drives dropout in training mode.
+        ``rows`` (R,) flat indices into the B*T positions: only those rows get logits, (R, V). The loss needs only
+        the Part-B rows, and with a vocabulary of thousands the tied head is the largest product of the step.
         """
         tokens, position_ids, block_position_ids, sep = self._check_inputs(
             tokens, position_ids, block_position_ids, sep, cache
@@ -424,6 +426,9 @@ class GLM(Module):
             x = block(x, B, T, sep, i, cache, rng, rotary)  # (N, C)
         if cache is not None:
             cache.length += T
+        if rows is not None:
+            x = x[rows]  # (R, C): LayerNorm and the head work row by row, so picking rows first changes nothing
+            return F.linear(self.final_layernorm(x), self.word_embeddings.weight)  # (R, V)
         x = self.final_layernorm(x)  # (N, C)
         logits = F.linear(x, self.word_embeddings.weight)  # (N, V): tied head, no bias
         return logits.reshape(B, T, self.config.vocab_size)  # (B, T, V)
@@ -525,6 +530,9 @@ class KVCache:
 
 def glm_loss(model: GLM, batch, rng: np.random.Generator | None = None) -> Tensor:
     """GLM's loss (§5): cross-entropy summed over every target with loss_mask 1 in the batch, divided by their count."""
-    logits = model(batch.tokens, batch.position_ids, batch.block_position_ids, batch.sep, rng=rng)  # (B, T, V)
-    xp = get_xp(logits.data)  # the batch is NumPy; on a GPU the targets follow the logits there
-    return F.cross_entropy(logits, to_device(batch.targets, xp), to_device(batch.loss_mask, xp))
+    xp = get_xp(model.word_embeddings.weight.data)  # the batch is NumPy; on a GPU rows and targets follow the model
+    rows = np.flatnonzero(to_numpy(batch.loss_mask).reshape(-1) > 0)  # (R,) the Part-B targets
+    targets = to_numpy(batch.targets).reshape(-1)[rows]  # (R,)
+    logits = model(batch.tokens, batch.position_ids, batch.block_position_ids, batch.sep, rng=rng,
+                   rows=to_device(rows, xp))  # (R, V)
+    return F.cross_entropy(logits, to_device(targets, xp))
