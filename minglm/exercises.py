@@ -12,7 +12,7 @@ exercise (the function returns None or raises NotImplementedError) prints "no an
 so a notebook with empty exercises still runs from top to bottom.
 
 The reference answers come from the library itself (autograd through ``minglm.functional``, the mask of
-``functional.glm_mask``, the sample builder ``minglm.data.blank.blank_infill``), so an exercise can never drift
+``minglm.masks.glm_mask``, the sample builder ``minglm.data.blank.blank_infill``), so an exercise can never drift
 from the code it teaches. Worked solutions live in ``lessons/solutions/``, out of the learner's path; CI checks that
 they pass and that typical wrong answers fail.
 
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import minglm.functional as F
+from minglm.masks import glm_mask
 from minglm.tensor import Tensor
 
 # --- comparing one answer with its reference -------------------------------------------------------------------
@@ -248,7 +249,7 @@ def check_cross_entropy_backward(student_fn, seed: int = 0) -> bool:
 
 def reference_glm_mask(T: int, sep: int) -> np.ndarray:
     """(T, T) bool, True = query row i may attend to key column j: j < sep or j <= i (GLM-REFERENCE §3)."""
-    return F.glm_mask(np, np.array([sep]), T, T)[0, 0]
+    return glm_mask(np, sep, T)[0, 0]
 
 
 def check_glm_mask(student_fn) -> bool:

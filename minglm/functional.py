@@ -19,6 +19,7 @@ import numpy as np
 
 from minglm import parallel
 from minglm.backend import get_xp, is_cupy, scatter_add_rows, to_device
+from minglm.masks import glm_mask
 from minglm.tensor import Function, Tensor
 
 # --- activations ----------------------------------------------------------------------------------------------
@@ -617,18 +618,6 @@ def split(x: Tensor, sections, axis: int = -1) -> list[Tensor]:
 
 
 # --- attention ------------------------------------------------------------------------------------------------
-
-
-def glm_mask(xp, sep, Tq: int, Tk: int):
-    """The GLM visibility matrix (B, 1, Tq, Tk), True = may attend (GLM-REFERENCE §3).
-
-    Key j is visible to query i when j < sep[b] (Part A, seen by everyone) or j <= i + (Tk − Tq) (causal; the offset
-    lets the last Tq of Tk positions be the queries, as in decoding with a cache). Built only for the plain path.
-    """
-    sep = xp.asarray(sep).reshape(-1, 1, 1, 1)
-    q = xp.arange(Tq).reshape(1, 1, Tq, 1) + (Tk - Tq)
-    k = xp.arange(Tk).reshape(1, 1, 1, Tk)
-    return (k < sep) | (k <= q)
 
 
 def _attention_chunks(q, Tk: int) -> list:

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
+from minglm.masks import glm_mask
 from viz.style import (
     GRID_COLOR,
     MASKED_COLOR,
@@ -44,9 +45,8 @@ MASK_CMAP = ListedColormap([MASKED_COLOR, PART_A_COLOR, *SPAN_COLORS, PAD_COLOR]
 
 
 def glm_visible(sep: int, T: int) -> np.ndarray:
-    """(T, T) bool, True = query (row) may attend key (column): tril plus every column < sep (GLM-REFERENCE §3)."""
-    cols = np.arange(T)
-    return (cols[None, :] <= cols[:, None]) | (cols[None, :] < sep)  # (T, T)
+    """(T, T) bool of one sample, True = query (row) may attend key (column): ``minglm.masks.glm_mask``."""
+    return glm_mask(np, sep, T)[0, 0]  # (T, T)
 
 
 def mask_codes(visible: np.ndarray, key_region: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minglm.data.blank import Sample
+from minglm.masks import glm_mask
 from minglm.tokenizer import EOS_ID, N_SPECIAL, PAD_ID, SPECIAL_TOKENS
 
 
@@ -95,9 +96,7 @@ def dense_mask(batch_or_sep, T: int | None = None) -> np.ndarray:
         seps = np.atleast_1d(np.asarray(batch_or_sep, dtype=np.int64))
         if T is None:
             raise ValueError("dense_mask: pass T together with a sep value or array")
-    cols = np.arange(T)
-    causal = cols[None, :] <= cols[:, None]  # (T, T)
-    return causal[None, :, :] | (cols[None, None, :] < np.asarray(seps).reshape(-1, 1, 1))  # (B, T, T)
+    return glm_mask(np, seps, T)[:, 0]  # (B, T, T)
 
 
 def _token_names(ids: np.ndarray, tokenizer) -> list[str]:
