@@ -16,8 +16,13 @@ Steps 2-3 run the model's own layers with its ``KVCache`` (``CachedDecoder``), b
 the array-level twin of ``GLM.forward`` that sits beside it in minglm/model.py; ``decoder="cached"`` takes
 ``GLM.forward`` itself. Both are tested against a full recomputation without any cache (``recompute_logits``).
 
-Left out on purpose: beam search, batching several prompts, and repetition penalties (the official interactive
-script has none of them either).
+Two conveniences the official script does not have, both off by default: a repetition penalty and a ban on
+repeated n-grams inside a fill (``Sampling``). And one convention about spaces: the spaces right before a blank
+are left out of the context, because a blank in training starts where a word starts, with its leading space
+(byte-level BPE pieces carry it, and so do word-aligned spans); the fill brings its own space back, and
+``_splice`` trims the spaces that would double up around it.
+
+Left out on purpose: beam search and batching several prompts.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from minglm.tensor import no_grad
 
 # The blank markers a user may type (the same three the tokenizer turns into special ids).
 BLANK_RE = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")
+SPACE_BEFORE_BLANK_RE = re.compile(r" +(\[(?:MASK|sMASK|gMASK)\])")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -53,7 +59,7 @@ def build_context(tokenizer, text: str) -> tuple[np.ndarray, list[int], bool]:
     """
     if not isinstance(text, str):
         raise ValueError(f"build_context: text must be a str, got {type(text).__name__}")
-    ids = list(tokenizer.encode(text))
+    ids = list(tokenizer.encode(SPACE_BEFORE_BLANK_RE.sub(r"\1", text)))
     blanks = blank_ids(tokenizer)
     appended = not any(i in blanks for i in ids)
     if appended:
@@ -88,17 +94,30 @@ def check_lengths(config, n_context: int, n_blanks: int, max_new: int) -> None:
 
 @dataclass
 class Sampling:
-    """How the next token is chosen. ``greedy`` takes the argmax; otherwise the logits are divided by
+    """How the next token is chosen. ``greedy`` takes the argmax (``fill`` without a Sampling is greedy; a Sampling
+    built with only a temperature or a top-k samples); otherwise the logits are divided by
     ``temperature``, cut to the ``top_k`` best (0 = no cut) and to the smallest set whose probability reaches
-    ``top_p`` (1.0 = no cut), then sampled (the order of the official ``top_k_logits``)."""
+    ``top_p`` (1.0 = no cut), then sampled (the order of the official ``top_k_logits``).
+
+    Before either, two optional controls act on the tokens this fill has produced so far: ``repetition_penalty``
+    p > 1 divides a positive logit of such a token by p and multiplies a negative one by p (the rule of CTRL,
+    Keskar et al. 2019, section 4.1), and ``no_repeat_ngram`` n > 0 forbids the token that would repeat an n-gram
+    already in the fill. Both are off by default (1.0 and 0)."""
 
     greedy: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     max_len: int = 32  # at most this many tokens per blank (the end token not counted)
+    repetition_penalty: float = 1.0  # 1.0 = off
+    no_repeat_ngram: int = 0  # 0 = off
 
     def __post_init__(self):
+        if not self.repetition_penalty >= 1.0 or self.repetition_penalty == float("inf"):
+            raise ValueError(f"Sampling: repetition_penalty must be a finite number >= 1, "
+                             f"got {self.repetition_penalty}")
+        if self.no_repeat_ngram < 0:
+            raise ValueError(f"Sampling: no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
         if not self.temperature > 0.0:
             raise ValueError(f"Sampling: temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
@@ -135,8 +154,28 @@ def sampling_probs(logits: np.ndarray, s: Sampling) -> np.ndarray:
     return p
 
 
-def choose_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None) -> int:
-    """The next token id: argmax when greedy, else a draw from ``sampling_probs`` with ``rng``."""
+def repetition_controls(logits: np.ndarray, history, s: Sampling) -> np.ndarray:
+    """``logits`` (V,) after the repetition penalty and the n-gram ban of ``s`` for a fill that so far produced
+    ``history`` (token ids); the input itself when both are off."""
+    if s.repetition_penalty == 1.0 and not s.no_repeat_ngram or not len(history):
+        return logits
+    z = np.array(logits, dtype=np.float64)  # a copy: the decoder's buffer is left alone
+    if s.repetition_penalty != 1.0:
+        seen = np.unique(np.asarray(history, dtype=np.int64))
+        z[seen] = np.where(z[seen] > 0, z[seen] / s.repetition_penalty, z[seen] * s.repetition_penalty)
+    n = s.no_repeat_ngram
+    if n and len(history) >= n:  # ban t when history[-(n-1):] + [t] already occurred as an n-gram
+        h = list(history)
+        prefix = h[len(h) - n + 1:] if n > 1 else []
+        banned = [h[i + n - 1] for i in range(len(h) - n + 1) if h[i: i + n - 1] == prefix]
+        z[banned] = -np.inf
+    return z
+
+
+def choose_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator | None, history=()) -> int:
+    """The next token id: argmax when greedy, else a draw from ``sampling_probs`` with ``rng``; ``history`` (the
+    fill's tokens so far) feeds the repetition controls of ``s``."""
+    logits = repetition_controls(logits, history, s)
     if s.greedy:
         return int(np.argmax(logits))
     if rng is None:
@@ -247,6 +286,8 @@ class FillResult:
 
     ``tokens``/``position_ids``/``block_position_ids`` are every token the model saw, in order (context, then
     ``<sop> fill…`` for each blank; an end token is never fed), so ``recompute_logits`` can replay them.
+    ``fills`` are the decoded fills trimmed of the spaces that would double up in the text (``trim_fill``);
+    ``fill_ids`` are the ids exactly as produced.
     """
 
     text: str
@@ -263,8 +304,19 @@ class FillResult:
     steps: list[Step] = field(default_factory=list)
 
 
+def trim_fill(fill: str, before: str, after: str) -> str:
+    """The fill without the spaces that would double up with the text around its blank: leading whitespace goes
+    when ``before`` ends with a space (or is empty: the start of the text), trailing whitespace when ``after``
+    starts with one."""
+    if not before or before[-1].isspace():
+        fill = fill.lstrip()
+    if not after or after[0].isspace():
+        fill = fill.rstrip()
+    return fill
+
+
 def _splice(text: str, fills: list[str], appended: bool, left: str = "", right: str = "") -> str:
-    """Put each fill into its blank of the original text (an appended [gMASK] means: after the text)."""
+    """Put each (trimmed) fill into its blank of the original text (an appended [gMASK] means: after the text)."""
     if appended:
         return text + left + fills[0] + right
     pieces = BLANK_RE.split(text)
@@ -306,7 +358,7 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
                 tokens.append(token)
                 pos_ids.append(m)
                 block_ids.append(c + 1)
-                nxt = choose_token(logits, s, rng)
+                nxt = choose_token(logits, s, rng, out)
                 if n_top:
                     top = top_candidates(logits, n_top, 1.0 if s.greedy else s.temperature)
                     steps.append(Step(b, token, m, c + 1, nxt, top))
@@ -318,6 +370,11 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
             fill_ids.append(out)
             fills.append(tokenizer.decode(out))
             reasons.append(reason)
+        if appended:
+            fills[0] = fills[0].rstrip()
+        else:
+            pieces = BLANK_RE.split(text)
+            fills = [trim_fill(f, pieces[i], pieces[i + 1]) for i, f in enumerate(fills)]
     finally:
         if was_training:
             model.train()
