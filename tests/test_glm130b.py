@@ -120,7 +120,7 @@ def small_config(**kw) -> GLMConfig:
 
 
 def batch():
-    """GLM-REFERENCE §8.2's Figure 2 (code convention) and a second, right-padded sample."""
+    """The GLM paper's Figure 2 (0-based, as the official make_block_data) and a second, right-padded sample."""
     tokens = np.array([[1, 2, 8, 4, 8, 5, 5, 6, 5, 3], [1, 2, 8, 5, 9, 10, 0, 0, 0, 0]])
     pos = np.array([[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 1, 2, 2, 2, 2, 0, 0, 0, 0]])
     block = np.array([[0, 0, 0, 0, 0, 1, 2, 3, 1, 2], [0, 0, 0, 1, 2, 3, 0, 0, 0, 0]])
@@ -351,6 +351,32 @@ def test_kv_cache_equals_recompute_for_every_switch(case):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["fast", "cached"])
+@pytest.mark.parametrize("case", list(SWITCH_CASES))
+def test_fill_decoders_equal_recompute_for_every_switch(case, kind):
+    """``fill`` with either decoder (``GLM.infer`` or ``GLM.forward``, both with a KVCache) gives, at every step, the
+    logits of one full forward over everything fed so far."""
+    from minglm import generate as G
+    from minglm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["abcdefghijklmnopqrstuvwxyz .,!"])
+    cfg = GLMConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_len=64, **SWITCH_CASES[case])
+    model = perturbed(cfg, dtype=np.float32)
+    logits = []
+
+    def factory(m, capacity):
+        dec = G.make_decoder(m, capacity, kind)
+        step = dec.step
+        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
+        return dec
+
+    r = G.fill(model, tok, "to be [MASK] not [sMASK] that", G.Sampling(max_len=5), np.random.default_rng(3),
+               decoder=factory)
+    assert len(logits) >= 4
+    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
+    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+
+
 # --- presets and bad input ----------------------------------------------------------------------------------------
 
 
@@ -493,3 +519,79 @@ def test_export_command_with_a_glm130b_run(tmp_path, capsys):
         np.testing.assert_array_equal(v, before[k])
     assert main(["export", str(tmp_path / "r"), "--layout", "official", "--out", str(tmp_path / "o.npz")]) == 2
     assert "GLM-1 only" in capsys.readouterr().err
+
+
+# --- the ablation ---------------------------------------------------------------------------------------------------
+
+
+def _tiny_corpus(path):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "fair", "and", "kind", "my", "lord", "the", "sea", "night", "good", "sir"]
+    for i in range(4):  # the split is by document: validation needs at least one
+        (path / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(120)))
+    return path
+
+
+def test_grad_spike_is_the_largest_jump_over_the_recent_median():
+    from minglm.ablate import grad_spike
+
+    norms = [1.0] * 30 + [5.0] + [1.0] * 10 + [float("nan"), 2.0]
+    assert grad_spike(norms) == pytest.approx(5.0)
+    assert grad_spike([1.0] * 5) == 1.0  # too short for a window
+
+
+def test_ablate_command_on_a_few_steps(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from minglm.commands import main
+
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    out = tmp_path / "abl"
+    code = main(["ablate", "--quick", "--steps", "3", "--seeds", "0,1", "--only", "glm1,glm130b-highlr",
+                 "--corpus", str(corpus), "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| setting | lr | val loss (per seed) | fill exact | largest grad-norm spike | tokens/s |" in text
+    assert "GLM-1 (all off)" in text and "GLM-130B, high lr" in text
+    result = json.loads((out / "ablation.json").read_text())
+    assert [r["setting"] for r in result["summary"]] == ["glm1", "glm130b-highlr"]
+    assert len(result["runs"]) == 4 and {r["seed"] for r in result["runs"]} == {0, 1}
+    for run in result["runs"]:
+        assert run["steps_done"] == 3 and math.isfinite(run["val_loss"]) and 0.0 <= run["fill_exact"] <= 1.0
+        assert run["tokens_per_s"] > 0 and run["grad_spike"] >= 1.0
+    assert result["summary"][1]["lr"] == pytest.approx(0.02)
+    assert (out / "ablation.md").read_text().startswith("3 steps of the tiny config")
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert main(["ablate", "--only", "nope"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
+
+
+def test_plot_ablation_draws_bars_dots_and_diverged_seeds():
+    import io
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import viz
+
+    def run(setting, seed, loss):
+        return {"setting": setting, "seed": seed, "val_loss": loss, "fill_exact": 0.1 if math.isfinite(loss) else
+                float("nan"), "grad_spike": 2.0, "tokens_per_s": 5000.0}
+
+    runs = [run("a", 0, 2.1), run("a", 1, 2.2), run("b", 0, float("nan")), run("b", 1, 2.6)]
+    summary = [{"setting": "a", "label": "GLM-1", "unstable": False, "val_loss": 2.15, "fill_exact": 0.1,
+                "grad_spike": 2.0, "tokens_per_s": 5000.0},
+               {"setting": "b", "label": "GLM-1, high lr", "unstable": True, "val_loss": 2.6, "fill_exact": 0.1,
+                "grad_spike": 2.0, "tokens_per_s": 5000.0}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = viz.plot_ablation({"summary": summary, "runs": runs, "config": {"steps": 5, "seeds": [0, 1]}})
+        fig.savefig(io.BytesIO(), format="png")
+    axes = fig.axes
+    assert len(axes) == 4 and [t.get_text() for t in axes[0].get_yticklabels()] == ["GLM-1", "GLM-1, high lr"]
+    assert len(axes[0].patches) == 2  # one bar per setting
+    with pytest.raises(ValueError, match="run_ablation"):
+        viz.plot_ablation({"runs": []})

@@ -123,6 +123,28 @@ def test_decoding_with_a_cache_sees_the_prefix(position):
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fast", "cached"])
+def test_fill_with_a_prefix_matches_recompute(kind):
+    """``PrefixSelfAttention`` overrides ``attend_array`` as well as ``attend``, so both decoders see the prefix."""
+    from minglm import generate as G
+
+    model, _ = model_and_input(7, position="rope2d", norm="deepnorm")
+    prefix.apply_prefix(model, length=4, rng=np.random.default_rng(0))
+    for m in prefix.prefix_layers(model).values():
+        m.prefix_value.data += np.float32(0.3)
+    logits = []
+
+    def factory(m, capacity):
+        dec = G.make_decoder(m, capacity, kind)
+        step = dec.step
+        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
+        return dec
+
+    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(max_len=4), np.random.default_rng(1), decoder=factory)
+    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
+    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+
+
 def test_save_load_and_remove(tmp_path):
     model, inputs = model_and_input(5)
     base = logits(model, inputs)

@@ -9,6 +9,7 @@ The command line is `python -m minglm plot ...` (minglm/commands/plot.py); the g
 (`python -m viz.make_gallery` rebuilds it). Follows GLM-REFERENCE.md §2.5, §3 and §8.
 """
 
+from viz.ablation import plot_ablation
 from viz.attention import plot_attention_map, plot_attention_weights
 from viz.curves import plot_loss_curves, read_log
 from viz.examples import figure2_sample, sample_from_text
@@ -23,5 +24,5 @@ from viz.tiles import computed_share, plot_tile_map, tile_status
 __all__ = [
     "plot_attention_mask", "plot_objective_masks", "plot_positions", "plot_blank_infilling", "plot_span_lengths",
     "plot_loss_curves", "read_log", "plot_attention_weights", "plot_attention_map", "draw_graph", "save_run_plots",
-    "figure2_sample", "sample_from_text", "plot_tile_map", "tile_status", "computed_share",
+    "figure2_sample", "sample_from_text", "plot_tile_map", "tile_status", "computed_share", "plot_ablation",
 ]
