@@ -39,6 +39,7 @@ class TrainConfig:
     span_unit: str = "token"  # token | word: what a span length counts for the glm-* token-level blanks.
     # "word" is a named deviation from GLM (whose spans are over word pieces): spans cover whole words with their
     # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler)
+    span_lambda: float = 3.0  # Poisson mean of a token-level span's length (GLM: 3), in span_unit units
     tokenizer: str = "char"  # char | bpe (byte-level BPE trained on the train documents at the start of the run)
     bpe_vocab: int = 4096  # ids of the BPE tokenizer, specials and the 256 bytes included
     val_fraction: float = 0.1  # share of documents held out for validation (split by document, seeded)
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not self.eps > 0:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
+        if not self.span_lambda > 0 or self.span_lambda == float("inf"):
+            raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
         if self.span_unit not in ("token", "word"):
             raise ValueError(f"TrainConfig.span_unit must be token or word, got {self.span_unit!r}")
         if self.tokenizer not in ("char", "bpe"):

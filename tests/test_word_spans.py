@@ -71,3 +71,22 @@ def test_word_unit_needs_the_tokenizer_and_a_known_name():
         make_objective("glm-base", None, span_unit="word")
     with pytest.raises(ValueError, match="span_unit must be 'token' or 'word'"):
         make_objective("glm-base", _tokenizers()[0], span_unit="letter")
+
+
+def test_span_lambda_sets_the_poisson_mean_of_span_lengths():
+    tok = _tokenizers()[0]
+    ids = np.array([CLS_ID, *tok.encode(TEXT * 8), EOS_ID])
+    rng = np.random.default_rng(0)
+    means = {}
+    for lam in (1.0, 3.0):
+        obj = make_objective("glm-base", tok, span_unit="word", span_lambda=lam, mask_ratio=0.15)
+        first, joins = obj.word_edges
+        starts = np.ones(len(ids), dtype=bool)
+        starts[1:] = ~(first[ids[1:]] & joins[ids[:-1]])
+        unit_of = np.cumsum(starts) - 1
+        lengths = [unit_of[b - 1] - unit_of[a] + 1 for _ in range(200) for a, b in obj.sampler(ids, rng)]
+        means[lam] = float(np.mean(lengths))
+    # the truncated Poisson(1) has mean 1/(1 - e^-1) = 1.58, Poisson(3) 3/(1 - e^-3) = 3.16
+    assert abs(means[1.0] - 1.58) < 0.15 and abs(means[3.0] - 3.16) < 0.3
+    with pytest.raises(ValueError, match="span_lambda"):
+        make_objective("glm-base", tok, span_lambda=0.0)

@@ -71,7 +71,7 @@ def show_fills(model, tokenizer, pairs, say=print, max_new: int = 12) -> list[di
     model.eval()
     rows = []
     for text, truth in pairs:
-        got = fill(model, tokenizer, text, Sampling(greedy=True, max_len=max_new)).fills[0]
+        got = fill(model, tokenizer, text, Sampling(greedy=True, max_new_tokens=max_new)).fills[0]
         rows.append({"text": text, "truth": truth, "fill": got})
     model.train()
     if rows:
@@ -193,9 +193,9 @@ def make_tokenizer(cfg: TrainConfig, corpus):
 def _objective_overrides(cfg: TrainConfig) -> dict:
     """Data settings from the config that the objective takes (mask_ratio: the GLM mixtures and BERT only)."""
     if cfg.objective in GLM_PRESETS:
-        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit}
-    if cfg.span_unit != "token":
-        raise ValueError(f"TrainConfig.span_unit={cfg.span_unit!r} applies to the glm-* objectives only")
+        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda}
+    if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
+        raise ValueError("TrainConfig.span_unit and span_lambda apply to the glm-* objectives only")
     if cfg.objective == "bert":
         return {"mask_ratio": cfg.mask_ratio}
     if cfg.mask_ratio != TrainConfig.mask_ratio:

@@ -65,6 +65,7 @@ class GLMObjective:
     block_position: bool = True  # False = the `--no-block-position` ablation (block ids all 1 in Part B)
     vocab_size: int = 0  # unused by GLM itself; kept so every objective has the same constructor
     sentence_end: np.ndarray | None = field(default=None, repr=False)  # (V,) bool, from the tokenizer
+    span_lambda: float = 3.0  # Poisson mean of the token-level span lengths (GLM: 3)
     span_unit: str = "token"  # "word": token-level spans count whole words (WordSpanSampler), a named deviation
     word_edges: tuple | None = field(default=None, repr=False)  # from the tokenizer, for span_unit="word"
     sampler: TokenSpanSampler = field(default_factory=TokenSpanSampler, repr=False)
@@ -72,10 +73,14 @@ class GLMObjective:
     def __post_init__(self):
         if self.span_unit not in ("token", "word"):
             raise ValueError(f"GLMObjective.span_unit must be 'token' or 'word', got {self.span_unit!r}")
+        if not self.span_lambda > 0:
+            raise ValueError(f"GLMObjective.span_lambda must be > 0, got {self.span_lambda!r}")
         if self.span_unit == "word":
             if self.word_edges is None:
                 raise ValueError("GLMObjective: span_unit='word' needs the tokenizer (make_objective(name, tokenizer))")
-            self.sampler = WordSpanSampler(*self.word_edges)
+            self.sampler = WordSpanSampler(*self.word_edges, lam=self.span_lambda)
+        elif self.span_lambda != 3.0:
+            self.sampler = TokenSpanSampler(lam=self.span_lambda)
         if not (0 <= self.bert_prob and 0 <= self.sentence_prob and self.bert_prob + self.sentence_prob <= 1 + 1e-9):
             raise ValueError(f"GLMObjective: need 0 <= bert_prob, sentence_prob and their sum <= 1, got "
                              f"{self.bert_prob}, {self.sentence_prob}")
