@@ -45,14 +45,14 @@ rng = np.random.default_rng(0)  # one seeded generator for the whole lesson
 # %% [markdown]
 # ## 1. A tensor is an array with a memory
 #
-# `minglm.tensor(data, requires_grad=True)` makes a *leaf*: a tensor we want gradients for. Python floats become
+# `minglm.Tensor(data, requires_grad=True)` makes a *leaf*: a tensor we want gradients for. Python floats become
 # float32, as in PyTorch; pass a float64 NumPy array when you want float64. Doing arithmetic on tensors gives new
 # tensors, and each new tensor keeps a pointer, `grad_fn`, to the op (a `Function`) that produced it.
 
 # %%
-a = minglm.tensor(2.0, requires_grad=True)
-b = minglm.tensor(-3.0, requires_grad=True)
-c = minglm.tensor(10.0, requires_grad=True)
+a = minglm.Tensor(2.0, requires_grad=True)
+b = minglm.Tensor(-3.0, requires_grad=True)
+c = minglm.Tensor(10.0, requires_grad=True)
 
 u = a * b + c  # u = -6 + 10 = 4
 f = u.tanh() * a  # f = tanh(4) * 2
@@ -135,7 +135,7 @@ exercises.check_grad("df/dc", df_dc, c.grad, rtol=1e-5)
 #
 # ## 3. Each op is one small `Function`
 #
-# The multiply above is `minglm.functions.Mul`: a `forward` that computes with NumPy and saves what it needs, and a
+# The multiply above is `minglm.ops.Mul`: a `forward` that computes with NumPy and saves what it needs, and a
 # `backward` that returns one gradient per input. Here is how little it takes to add an op of our own, a square:
 
 # %%
@@ -150,7 +150,7 @@ class Square(Function):
         return (grad * 2.0 * ctx.x,)  # d(x²)/dx = 2x, times the gradient arriving from above
 
 
-x = minglm.tensor(np.array([1.0, -2.0, 3.0]), requires_grad=True)
+x = minglm.Tensor(np.array([1.0, -2.0, 3.0]), requires_grad=True)
 y = Square.apply(x).sum()
 y.backward()
 print("x.grad =", x.grad, " (expected 2x =", 2 * x.numpy(), ")")
@@ -163,8 +163,8 @@ print("x.grad =", x.grad, " (expected 2x =", 2 * x.numpy(), ")")
 # this: the engine's `_unbroadcast` sums every incoming gradient back to its input's shape, in exactly one place.
 
 # %%
-X = minglm.tensor(rng.standard_normal((2, 3)), requires_grad=True)
-bias = minglm.tensor(np.zeros(3), requires_grad=True)
+X = minglm.Tensor(rng.standard_normal((2, 3)), requires_grad=True)
+bias = minglm.Tensor(np.zeros(3), requires_grad=True)
 (X + bias).sum().backward()
 print("bias.grad =", bias.grad, "shape", bias.grad.shape, "(each entry was used twice)")
 
@@ -175,7 +175,7 @@ print("bias.grad =", bias.grad, "shape", bias.grad.shape, "(each entry was used 
 # collect the gradient of every use, and it is also why a training loop calls `zero_grad()` before each step.
 
 # %%
-w = minglm.tensor(3.0, requires_grad=True)
+w = minglm.Tensor(3.0, requires_grad=True)
 for _ in range(2):
     (w * w).backward()
     print("after a backward: w.grad =", w.grad)
@@ -227,9 +227,9 @@ plt.show()
 # in every transformer layer:
 
 # %%
-x64 = minglm.tensor(rng.standard_normal((2, 5)), requires_grad=True)  # NumPy's default is float64
-w64 = minglm.tensor(rng.standard_normal(5), requires_grad=True)
-b64 = minglm.tensor(rng.standard_normal(5), requires_grad=True)
+x64 = minglm.Tensor(rng.standard_normal((2, 5)), requires_grad=True)  # NumPy's default is float64
+w64 = minglm.Tensor(rng.standard_normal(5), requires_grad=True)
+b64 = minglm.Tensor(rng.standard_normal(5), requires_grad=True)
 print("layer_norm passes:", gradcheck(F.layer_norm, x64, w64, b64, name="layer_norm"))
 
 # %% [markdown]
@@ -249,7 +249,7 @@ class SquareForgotTheTwo(Function):
 
 
 try:
-    gradcheck(SquareForgotTheTwo.apply, minglm.tensor(rng.standard_normal(4), requires_grad=True), name="square")
+    gradcheck(SquareForgotTheTwo.apply, minglm.Tensor(rng.standard_normal(4), requires_grad=True), name="square")
 except GradcheckError as err:
     print("caught:", err)
 
@@ -276,7 +276,7 @@ class SoftmaxWrongBackward(Function):
         return (y * (grad - grad.mean(axis=-1, keepdims=True)),)  # should be (grad * y).sum(...)
 
 
-xs = minglm.tensor(rng.standard_normal((3, 4)), requires_grad=True)
+xs = minglm.Tensor(rng.standard_normal((3, 4)), requires_grad=True)
 print("upstream G = 1:     ", gradcheck(SoftmaxWrongBackward.apply, xs, upstream=[np.ones((3, 4))], name="softmax"))
 try:
     gradcheck(SoftmaxWrongBackward.apply, xs, name="softmax")

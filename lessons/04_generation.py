@@ -96,7 +96,7 @@ print(" ".join(f"{i}:{tok.decode([t])!r}" for i, t in enumerate(context.tolist()
 # trace: at each step, the token fed, its two position ids, the token chosen and the five best candidates.
 
 # %%
-result = fill(model, tok, text, Sampling(greedy=True, max_len=24), n_top=5)
+result = fill(model, tok, text, Sampling(greedy=True, max_new_tokens=24), n_top=5)
 print(result.marked_text)
 print("stopped because:", result.stop_reasons)
 print()
@@ -171,7 +171,7 @@ print("largest difference between infer and forward:", float(np.abs(fast - plain
 # the cache. Watch the position column jump to the second blank's index and the block id restart at 1.
 
 # %%
-two = fill(model, tok, "To be, or not to be, [MASK] is the [MASK]", Sampling(greedy=True, max_len=16), n_top=3)
+two = fill(model, tok, "To be, or not to be, [MASK] is the [MASK]", Sampling(greedy=True, max_new_tokens=16), n_top=3)
 print(two.marked_text)
 print(format_steps(two, tok))
 
@@ -184,7 +184,7 @@ print(format_steps(two, tok))
 # %%
 rng = np.random.default_rng(0)
 for temperature in (0.5, 1.0):
-    out = fill(model, tok, "ROMEO:\n", Sampling(temperature=temperature, top_k=10, max_len=40), rng=rng)
+    out = fill(model, tok, "ROMEO:\n", Sampling(temperature=temperature, top_k=10, max_new_tokens=40), rng=rng)
     print(f"temperature {temperature}: {out.fills[0]!r}  (stopped: {out.stop_reasons[0]})")
 
 # %% [markdown]

@@ -1,7 +1,9 @@
 """minglm: GLM (the General Language Model, Du et al. 2021) from scratch in NumPy, with CuPy on a GPU.
 
-The layers, lowest first: backend (the xp seam) → tensor/functions (autograd) → functional (neural-network ops)
-→ kernels → nn → model → tokenizer/data → optim/train → generate/finetune. A lower layer never imports a higher one.
+The layers, lowest first: backend (the xp seam, parallel) → tensor/ops (autograd) → kernels (fused attention) →
+functional and masks (neural-network ops) → nn → model → tokenizer/data → optim/checkpoint/runs/train →
+generate/finetune/lora/prefix/interop → commands (``python -m minglm``). A lower layer never imports a higher one;
+tests/test_layers.py checks every import.
 """
 
 import os
@@ -16,7 +18,9 @@ import sys
 if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
 
-from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
+from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad
 
-__all__ = ["Function", "Tensor", "is_grad_enabled", "no_grad", "tensor"]
+# ``minglm.Tensor(data, requires_grad=True)`` makes a tensor; the name ``minglm.tensor`` is left to the module, so
+# ``import minglm.tensor`` and ``minglm.tensor.Tensor`` mean what they say.
+__all__ = ["Function", "Tensor", "is_grad_enabled", "no_grad"]
 __version__ = "0.1.0"

@@ -310,12 +310,12 @@ def check_mask_budget(student_fn) -> bool:
     return _run("the 15 % masking budget", body)
 
 
-def reference_mean_span_length(lam: float = 3.0, max_len: int = 39) -> float:
-    """E[length] of Poisson(lam) truncated to 1..max_len: about lam / (1 − e^−lam) = 3.157 for lam = 3."""
+def reference_mean_span_length(lam: float = 3.0, max_span_len: int = 39) -> float:
+    """E[length] of Poisson(lam) truncated to 1..max_span_len: about lam / (1 − e^−lam) = 3.157 for lam = 3."""
     from minglm.data.samplers import truncated_poisson_pmf
 
-    pmf = truncated_poisson_pmf(lam, max_len)
-    return float((np.arange(1, max_len + 1) * pmf).sum())
+    pmf = truncated_poisson_pmf(lam, max_span_len)
+    return float((np.arange(1, max_span_len + 1) * pmf).sum())
 
 
 def check_span_count(mean_span_length: float | None, spans_for_512: float | None) -> bool:
@@ -365,7 +365,7 @@ def reference_decode_positions(context_len: int, mask_positions, fill_lengths) -
     lengths_at = dict(zip(mask_positions, fill_lengths))
     script = _ScriptedDecoder(lengths_at, tok.encode("a")[0], tok.eop_id, tok.vocab_size)
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_len=10_000), training=False, eval=lambda: None)
-    result = fill(model, tok, text, Sampling(greedy=True, max_len=max(fill_lengths) + 1),
+    result = fill(model, tok, text, Sampling(greedy=True, max_new_tokens=max(fill_lengths) + 1),
                   decoder=lambda _model, _capacity: script, n_top=0)
     return np.asarray(result.position_ids), np.asarray(result.block_position_ids)
 

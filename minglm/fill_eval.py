@@ -220,7 +220,7 @@ def model_fills(model, tokenizer, blanks: list[Blank], max_new: int = 40) -> lis
 
     out = []
     for b in blanks:
-        result = fill(model, tokenizer, b.text, Sampling(greedy=True, max_len=max_new), n_top=0)
+        result = fill(model, tokenizer, b.text, Sampling(greedy=True, max_new_tokens=max_new), n_top=0)
         out.append(result.fills[0].strip())
     return out
 

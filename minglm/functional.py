@@ -7,6 +7,11 @@ Shapes use the glossary B = batch, T = time (sequence), C = channels, V = vocabu
 Everything keeps the input's dtype: a float32 graph never meets a float64 array (Python floats are used for
 constants, which NumPy 2 does not let upcast an array).
 
+The op behind a layer of ``minglm.nn`` is named ``<Layer>Op`` (``LinearOp``, ``LayerNormOp``, ``EmbeddingOp``,
+``DropoutOp``), so a traceback or a graph never confuses the op with the layer. The arithmetic of the ops a model
+runs at inference (``gelu_tanh_into``, ``layer_norm_rows``, ``softmax_array``, ``rope_array``, ``geglu_array``) is
+also callable on plain arrays: each layer's ``infer`` uses the same function as its op's ``forward``.
+
 Reference: GLM-REFERENCE.md §3 (the mask of ``scaled_dot_product_attention``), §4 (tanh GeLU), §5 (the loss).
 """
 
@@ -359,7 +364,7 @@ def cross_entropy(logits: Tensor, targets, mask=None) -> Tensor:
 def layer_norm_rows(x, weight, bias, eps: float, out, xhat, rstd) -> None:
     """LayerNorm of the rows of x (n, C) into out (n, C); x̂ = (x − μ)/σ into xhat and 1/σ into rstd (n, 1), which
     the backward needs. ``xhat`` may be ``out`` when nothing is kept. The one place the formula is written: the
-    ``LayerNorm`` op runs it on pieces of rows, ``layer_norm_array`` (inference) on all of them."""
+    ``LayerNormOp`` runs it on pieces of rows, ``layer_norm_array`` (inference) on all of them."""
     xp = get_xp(x)
     inv_c = 1.0 / x.shape[-1]  # sum·(1/C) rather than mean(): ndarray.mean runs Python code, which shows in decoding
     xc = xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=xhat)
@@ -379,7 +384,7 @@ def layer_norm_array(x, weight, bias, eps: float = 1e-5):
     return out
 
 
-class LayerNorm(Function):
+class LayerNormOp(Function):
     """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps) (``layer_norm_rows``).
 
     With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward is
@@ -434,10 +439,10 @@ class LayerNorm(Function):
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    return LayerNorm.apply(x, weight, bias, eps=eps)
+    return LayerNormOp.apply(x, weight, bias, eps=eps)
 
 
-class Embedding(Function):
+class EmbeddingOp(Function):
     """out = weight[ids]: rows of the (V, C) table. Backward scatters rows back, summing repeated ids."""
 
     @staticmethod
@@ -462,10 +467,10 @@ class Embedding(Function):
 def embedding(ids, weight: Tensor) -> Tensor:
     """Look up rows of ``weight`` (V, C) for integer ``ids`` of any shape: out shape ids.shape + (C,)."""
     ids = ids.data if isinstance(ids, Tensor) else ids
-    return Embedding.apply(ids, weight)
+    return EmbeddingOp.apply(ids, weight)
 
 
-class Linear(Function):
+class LinearOp(Function):
     """y = x @ Wᵀ + b, with W stored (out, in) as in PyTorch and the official GLM checkpoints.
 
     x (..., in) is viewed as one (N, in) matrix so every call is one large GEMM. Backward: dx = dy @ W,
@@ -493,10 +498,10 @@ class Linear(Function):
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    return Linear.apply(x, weight, bias)
+    return LinearOp.apply(x, weight, bias)
 
 
-class Dropout(Function):
+class DropoutOp(Function):
     """Zero each element with probability p and scale the rest by 1/(1−p) (inverted dropout)."""
 
     @staticmethod
@@ -521,7 +526,7 @@ def dropout(x: Tensor, p: float, training: bool, rng: np.random.Generator | None
     keep = (rng.random(x.shape, dtype=np.float32) >= p).astype(x.dtype) * np.asarray(1.0 / (1.0 - p), x.dtype)
     if is_cupy(x.data):
         keep = to_device(keep, get_xp(x.data))
-    return Dropout.apply(x, keep)
+    return DropoutOp.apply(x, keep)
 
 
 # --- selection and joining ------------------------------------------------------------------------------------

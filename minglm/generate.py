@@ -81,8 +81,8 @@ def check_lengths(config, n_context: int, n_blanks: int, max_new: int) -> None:
             f"max_len={limit}; shorten the text"
         )
     if max_new > limit:  # fed block ids run 1 (<sop>) .. max_new; the last sampled token is never fed
-        raise ValueError(f"generate: max_len per blank {max_new} needs block ids up to {max_new}, more than the "
-                         f"model's max_len={limit}")
+        raise ValueError(f"generate: max_new_tokens={max_new} per blank needs block ids up to {max_new}, more than "
+                         f"the model's max_len={limit}")
     if n_blanks == 0:
         raise ValueError("generate: the context has no blank to fill")
 
@@ -108,7 +108,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    max_len: int = 32  # at most this many tokens per blank (the end token not counted)
+    max_new_tokens: int = 32  # at most this many tokens per blank (the end token not counted)
     repetition_penalty: float = 1.0  # 1.0 = off
     no_repeat_ngram: int = 0  # 0 = off
 
@@ -124,8 +124,8 @@ class Sampling:
             raise ValueError(f"Sampling: top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"Sampling: top_p must be in (0, 1], got {self.top_p}")
-        if self.max_len < 1:
-            raise ValueError(f"Sampling: max_len must be >= 1, got {self.max_len}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"Sampling: max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def _softmax64(z: np.ndarray) -> np.ndarray:
@@ -295,7 +295,7 @@ class FillResult:
     marked_text: str
     fills: list[str]
     fill_ids: list[list[int]]
-    stop_reasons: list[str]  # "eop", "eos" or "max_len" per blank
+    stop_reasons: list[str]  # "eop", "eos" or "max_new_tokens" per blank
     mask_positions: list[int]
     context_len: int
     tokens: list[int] = field(default_factory=list)
@@ -340,8 +340,8 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
         raise ValueError("fill: sampling needs an explicit numpy Generator `rng` (or Sampling(greedy=True))")
     context, masks, appended = build_context(tokenizer, text)
     n = len(context)
-    check_lengths(model.config, n, len(masks), s.max_len)
-    capacity = n + len(masks) * (s.max_len + 1)
+    check_lengths(model.config, n, len(masks), s.max_new_tokens)
+    capacity = n + len(masks) * (s.max_new_tokens + 1)
     dec = decoder(model, capacity) if callable(decoder) else make_decoder(model, capacity, decoder)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -352,8 +352,8 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
         ends = (tokenizer.eop_id, tokenizer.eos_id)
         for b, m in enumerate(masks):
             token, out = tokenizer.sop_id, []
-            reason = "max_len"
-            for c in range(s.max_len):
+            reason = "max_new_tokens"
+            for c in range(s.max_new_tokens):
                 logits = dec.step(token, m, c + 1)  # (V,)
                 tokens.append(token)
                 pos_ids.append(m)

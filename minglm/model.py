@@ -378,9 +378,9 @@ class GLM(Module):
             sep = xp.broadcast_to(sep, (B,))
         if sep.shape[0] != B:
             raise ValueError(f"GLM.forward: sep has {sep.shape[0]} entries for a batch of {B}")
-        if cache is not None and cache.length + T > cache.max_len:
+        if cache is not None and cache.length + T > cache.capacity:
             raise ValueError(
-                f"GLM.forward: the KV cache holds {cache.length} of {cache.max_len} positions and cannot take {T} more"
+                f"GLM.forward: the KV cache holds {cache.length} of {cache.capacity} positions and cannot take {T} more"
             )
         return tokens, position_ids, block_position_ids, sep
 
@@ -481,7 +481,7 @@ class GLM(Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, (L, B, nh, max_len, hs) each, filled left to right.
+    """Preallocated keys and values of every layer, (L, B, nh, capacity, hs) each, filled left to right.
 
     Usage: encode the context once with ``sep = len(context)`` (full attention over it), then feed one token at a
     time with ``sep = 0``: each step computes q, k, v for the new token only and attends over the ``length``
@@ -489,19 +489,19 @@ class KVCache:
     ``truncate(n)`` rolls the cache back to its first n positions (e.g. to try several continuations of a context).
     """
 
-    def __init__(self, model_or_config, batch_size: int, max_len: int, xp=np, dtype=np.float32):
+    def __init__(self, model_or_config, batch_size: int, capacity: int, xp=np, dtype=np.float32):
         config = model_or_config.config if isinstance(model_or_config, GLM) else model_or_config
         if not isinstance(config, GLMConfig):
             raise TypeError(f"KVCache: expected a GLM or a GLMConfig, got {type(model_or_config).__name__}")
-        if batch_size <= 0 or max_len <= 0:
-            raise ValueError(f"KVCache: batch_size and max_len must be positive, got {batch_size} and {max_len}")
+        if batch_size <= 0 or capacity <= 0:
+            raise ValueError(f"KVCache: batch_size and capacity must be positive, got {batch_size} and {capacity}")
         if isinstance(model_or_config, GLM):
             dtype = model_or_config.word_embeddings.weight.dtype
             xp = get_xp(model_or_config.word_embeddings.weight.data)
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
-        self.k = xp.zeros(shape, dtype=dtype)  # (L, B, nh, max_len, hs)
-        self.v = xp.zeros(shape, dtype=dtype)  # (L, B, nh, max_len, hs)
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_size)
+        self.k = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
+        self.v = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
+        self.batch_size, self.capacity, self.length = batch_size, capacity, 0  # capacity: positions, not a position id
 
     def write(self, layer: int, k, v):
         """Write the new (B, nh, T, hs) key/value arrays after the cached ones; return all of them, (B, nh, Tk, hs)

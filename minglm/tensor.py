@@ -20,7 +20,6 @@ Left out on purpose: higher-order gradients (backward builds no graph), in-place
 from __future__ import annotations
 
 import contextlib
-import functools
 from types import ModuleType
 
 import numpy as np
@@ -186,7 +185,7 @@ class Tensor:
         grad = ", requires_grad=True" if self.requires_grad else ""
         if self.grad_fn is not None:
             grad = f", grad_fn={self.grad_fn.name}"
-        return f"tensor({to_numpy(self.data)!r}{grad})"
+        return f"Tensor({to_numpy(self.data)!r}{grad})"
 
     def numpy(self) -> np.ndarray:
         """The data as a NumPy array (copied from the GPU when needed)."""
@@ -207,9 +206,7 @@ class Tensor:
         return Tensor._wrap(to_device(self.data, xp), self.requires_grad)
 
     def astype(self, dtype) -> Tensor:
-        from minglm.functions import Cast
-
-        return Cast.apply(self, dtype=np.dtype(dtype))
+        return ops.Cast.apply(self, dtype=np.dtype(dtype))
 
     # --- autograd -----------------------------------------------------------------------------------------------
     def backward(self, grad=None, retain_graph: bool = False) -> None:
@@ -289,7 +286,7 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
-    # --- operators (the Functions live in minglm/functions.py) ------------------------------------------------
+    # --- operators (the Functions live in minglm/ops.py) ------------------------------------------------
     def _const(self, other):
         """Wrap a Python scalar or array as a constant of this tensor's dtype and backend (no float64 upcast)."""
         if isinstance(other, Tensor):
@@ -301,82 +298,88 @@ class Tensor:
         return arr
 
     def __add__(self, other):
-        return F.Add.apply(self, self._const(other))
+        return ops.Add.apply(self, self._const(other))
 
     def __radd__(self, other):
-        return F.Add.apply(self._const(other), self)
+        return ops.Add.apply(self._const(other), self)
 
     def __sub__(self, other):
-        return F.Sub.apply(self, self._const(other))
+        return ops.Sub.apply(self, self._const(other))
 
     def __rsub__(self, other):
-        return F.Sub.apply(self._const(other), self)
+        return ops.Sub.apply(self._const(other), self)
 
     def __mul__(self, other):
-        return F.Mul.apply(self, self._const(other))
+        return ops.Mul.apply(self, self._const(other))
 
     def __rmul__(self, other):
-        return F.Mul.apply(self._const(other), self)
+        return ops.Mul.apply(self._const(other), self)
 
     def __truediv__(self, other):
-        return F.Div.apply(self, self._const(other))
+        return ops.Div.apply(self, self._const(other))
 
     def __rtruediv__(self, other):
-        return F.Div.apply(self._const(other), self)
+        return ops.Div.apply(self._const(other), self)
 
     def __pow__(self, other):
-        return F.Pow.apply(self, self._const(other))
+        return ops.Pow.apply(self, self._const(other))
 
     def __rpow__(self, other):
-        return F.Pow.apply(self._const(other), self)
+        return ops.Pow.apply(self._const(other), self)
 
     def __matmul__(self, other):
-        return F.MatMul.apply(self, self._const(other))
+        return ops.MatMul.apply(self, self._const(other))
 
     def __rmatmul__(self, other):
-        return F.MatMul.apply(self._const(other), self)
+        return ops.MatMul.apply(self._const(other), self)
 
     def __neg__(self):
-        return F.Neg.apply(self)
+        return ops.Neg.apply(self)
 
     def __getitem__(self, index):
-        return F.GetItem.apply(self, index=_index_to_data(index))
+        return ops.GetItem.apply(self, index=_index_to_data(index))
 
     def sum(self, axis=None, keepdims: bool = False):
-        return F.Sum.apply(self, axis=axis, keepdims=keepdims)
+        return ops.Sum.apply(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False):
-        return F.Mean.apply(self, axis=axis, keepdims=keepdims)
+        return ops.Mean.apply(self, axis=axis, keepdims=keepdims)
 
     def max(self, axis=None, keepdims: bool = False):
-        return F.Max.apply(self, axis=axis, keepdims=keepdims)
+        return ops.Max.apply(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = tuple(shape[0])
-        return F.Reshape.apply(self, shape=shape)
+        return ops.Reshape.apply(self, shape=shape)
 
     def transpose(self, *axes):
         if len(axes) == 1 and isinstance(axes[0], tuple | list):
             axes = tuple(axes[0])
-        return F.Transpose.apply(self, axes=axes or None)
+        return ops.Transpose.apply(self, axes=axes or None)
 
     def permute(self, *axes):
         return self.transpose(*axes)
 
     def exp(self):
-        return F.Exp.apply(self)
+        return ops.Exp.apply(self)
 
     def log(self):
-        return F.Log.apply(self)
+        return ops.Log.apply(self)
 
     def sqrt(self):
-        return F.Sqrt.apply(self)
+        return ops.Sqrt.apply(self)
 
     def tanh(self):
-        return F.Tanh.apply(self)
+        return ops.Tanh.apply(self)
 
-    # comparisons give plain boolean arrays wrapped as tensors without grad
+    # comparisons are elementwise, like NumPy's: boolean arrays wrapped as tensors without grad
+    def __eq__(self, other):
+        return Tensor._wrap(self.data == _raw(other), False)
+
+    def __ne__(self, other):
+        return Tensor._wrap(self.data != _raw(other), False)
+
     def __gt__(self, other):
         return Tensor._wrap(self.data > _raw(other), False)
 
@@ -389,7 +392,15 @@ class Tensor:
     def __le__(self, other):
         return Tensor._wrap(self.data <= _raw(other), False)
 
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # a class that defines __eq__ loses its hash; a Tensor hashes by identity
+
+    def __bool__(self) -> bool:
+        """The truth of a one-element tensor; any other size raises, as in NumPy (``t == 0`` is elementwise, so
+        ``if t == 0`` must not quietly mean "is any element 0")."""
+        if self.data.size != 1:
+            raise ValueError(f"the truth value of a Tensor of shape {self.shape} is ambiguous: compare its "
+                             f".numpy() with .all() or .any()")
+        return bool(self.data.reshape(()))
 
 
 def _raw(x):
@@ -403,10 +414,4 @@ def _index_to_data(index):
     return _raw(index)
 
 
-@functools.wraps(Tensor)
-def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
-    """Create a leaf tensor. Python floats default to float32; NumPy arrays keep their dtype."""
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
-
-
-from minglm import functions as F  # noqa: E402 - the ops need Tensor defined first
+from minglm import ops  # noqa: E402 - a real cycle: the ops subclass Function, defined above

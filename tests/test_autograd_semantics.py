@@ -246,9 +246,9 @@ def test_float32_graph_stays_float32(xp, rng):
 
 
 def test_python_floats_default_to_float32():
-    assert minglm.tensor(1.5).dtype == np.float32
-    assert minglm.tensor([1.0, 2.0]).dtype == np.float32
-    assert minglm.tensor(np.ones(2)).dtype == np.float64  # NumPy arrays keep their dtype
+    assert minglm.Tensor(1.5).dtype == np.float32
+    assert minglm.Tensor([1.0, 2.0]).dtype == np.float32
+    assert minglm.Tensor(np.ones(2)).dtype == np.float64  # NumPy arrays keep their dtype
 
 
 def test_gelu_exact_matches_math_erf():
@@ -352,9 +352,9 @@ def test_attention_shape_mismatch():
 
 def test_requires_grad_on_integer_tensor_refused():
     with pytest.raises(ValueError, match="requires_grad.*int64"):
-        minglm.tensor(np.arange(3), requires_grad=True)
+        minglm.Tensor(np.arange(3), requires_grad=True)
     with pytest.raises(ValueError, match="requires_grad"):
-        minglm.tensor([True, False], requires_grad=True)
+        minglm.Tensor([True, False], requires_grad=True)
 
 
 def test_backward_on_non_scalar_needs_a_gradient():
@@ -399,3 +399,22 @@ def test_attention_impl_env_is_validated(monkeypatch):
     monkeypatch.setenv("MINGLM_ATTENTION", "fastest")
     with pytest.raises(ValueError, match="MINGLM_ATTENTION"):
         F.attention_impl()
+
+
+def test_equality_is_elementwise_and_truth_needs_one_element():
+    """`t == 0` is a bool Tensor like `t > 0`, never a silent False; `if t == 0` on many elements is an error."""
+    t = minglm.Tensor(np.array([0.0, 1.0, 2.0]))
+    np.testing.assert_array_equal((t == 0).numpy(), [True, False, False])
+    np.testing.assert_array_equal((t != 0).numpy(), [False, True, True])
+    np.testing.assert_array_equal((t == minglm.Tensor(np.array([0.0, 5.0, 2.0]))).numpy(), [True, False, True])
+    assert not (t == 0).requires_grad and (t == 0).grad_fn is None
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(t == 0)
+    assert bool(minglm.Tensor(3.0) == 3.0) and not bool(minglm.Tensor(3.0) != 3.0)
+    assert t in {t} and len({t, minglm.Tensor(np.array([0.0, 1.0, 2.0]))}) == 2  # still hashed by identity
+
+
+def test_minglm_tensor_is_the_module():
+    import minglm.tensor
+
+    assert minglm.tensor.Tensor is minglm.Tensor and callable(minglm.tensor.no_grad)

@@ -28,11 +28,11 @@ def test_forced_cupy_without_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="CuPy backend needs"):
         backend.default_xp()
     with pytest.raises(RuntimeError, match="CuPy backend needs"):
-        minglm.tensor([1.0, 2.0]).to("gpu")
+        minglm.Tensor([1.0, 2.0]).to("gpu")
 
 
 def test_to_cpu_and_numpy():
-    t = minglm.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    t = minglm.Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
     assert t.to("cpu") is t
     assert isinstance(t.numpy(), np.ndarray)
     assert t.device == "cpu"
@@ -41,9 +41,9 @@ def test_to_cpu_and_numpy():
 
 
 def test_python_floats_default_to_float32():
-    assert minglm.tensor([1.0, 2.0]).dtype == np.float32
-    assert minglm.tensor(np.zeros(2)).dtype == np.float64  # NumPy arrays keep their dtype
-    assert minglm.tensor([1, 2]).dtype.kind == "i"
+    assert minglm.Tensor([1.0, 2.0]).dtype == np.float32
+    assert minglm.Tensor(np.zeros(2)).dtype == np.float64  # NumPy arrays keep their dtype
+    assert minglm.Tensor([1, 2]).dtype.kind == "i"
 
 
 def test_only_backend_and_kernels_import_cupy():
@@ -60,7 +60,7 @@ def test_only_backend_and_kernels_import_cupy():
 @pytest.mark.gpu
 @pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")
 def test_round_trip_through_the_gpu():
-    t = minglm.tensor(np.arange(4, dtype=np.float32), requires_grad=True)
+    t = minglm.Tensor(np.arange(4, dtype=np.float32), requires_grad=True)
     g = t.to("gpu")
     assert g.device == "gpu" and g.requires_grad
     (g * g).sum().backward()

@@ -281,12 +281,12 @@ def test_compare_verdicts(capsys):
 
 
 def test_check_grad_reads_the_tensor_grad(capsys):
-    from minglm import tensor
+    from minglm import Tensor
 
-    x = tensor(np.array([1.0, -2.0, 0.5]), requires_grad=True)
+    x = Tensor(np.array([1.0, -2.0, 0.5]), requires_grad=True)
     (x * x).sum().backward()
     assert ex.check_grad("dx", 2 * np.array([1.0, -2.0, 0.5]), x)
     assert not ex.check_grad("dx", np.array([1.0, -2.0, 0.5]), x)
-    y = tensor(np.array([1.0]), requires_grad=True)
+    y = Tensor(np.array([1.0]), requires_grad=True)
     with pytest.raises(ValueError, match="no .grad"):
         ex.check_grad("dy", np.array([1.0]), y)

@@ -72,7 +72,7 @@ def test_one_blank_positions_and_block_ids():
     """[CLS] a [MASK] b <eos>: <sop> at (2, 1), then x at (2, 2), y at (2, 3); <eop> is never fed."""
     x, y = ids("x")[0], ids("y")[0]
     dec = ScriptedDecoder([x, y, TOK.eop_id], TOK.vocab_size)
-    r = G.fill(small_model(), TOK, "a[MASK]b", G.Sampling(greedy=True, max_len=10), decoder=lambda m, c: dec)
+    r = G.fill(small_model(), TOK, "a[MASK]b", G.Sampling(greedy=True, max_new_tokens=10), decoder=lambda m, c: dec)
     assert dec.prefilled == [TOK.cls_id, ids("a")[0], TOK.mask_id, ids("b")[0], TOK.eos_id]
     assert dec.fed == [(TOK.sop_id, 2, 1), (x, 2, 2), (y, 2, 3)]
     assert r.fills == ["xy"] and r.stop_reasons == ["eop"]
@@ -95,12 +95,12 @@ def test_two_blanks_in_ascending_order_and_eos_stops():
     assert r.tokens[-5:] == [TOK.sop_id, x, TOK.sop_id, y, z]
 
 
-def test_max_len_and_appended_gmask():
+def test_max_new_tokens_and_appended_gmask():
     x = ids("x")[0]
     dec = ScriptedDecoder([x] * 3, TOK.vocab_size)
-    r = G.fill(small_model(), TOK, "ab", G.Sampling(greedy=True, max_len=3), decoder=lambda m, c: dec)
+    r = G.fill(small_model(), TOK, "ab", G.Sampling(greedy=True, max_new_tokens=3), decoder=lambda m, c: dec)
     assert dec.fed == [(TOK.sop_id, 3, 1), (x, 3, 2), (x, 3, 3)]  # the third x is sampled but not fed
-    assert r.fills == ["xxx"] and r.stop_reasons == ["max_len"] and r.marked_text == "ab«xxx»"
+    assert r.fills == ["xxx"] and r.stop_reasons == ["max_new_tokens"] and r.marked_text == "ab«xxx»"
 
 
 # --- the numbers: cached decoding equals full recomputation -----------------------------------------------------
@@ -130,7 +130,7 @@ def test_cached_equals_recompute_several_blanks(kind):
         rec.append(Recording(G.make_decoder(m, capacity, kind)))
         return rec[-1]
 
-    s = G.Sampling(temperature=1.0, max_len=6)
+    s = G.Sampling(temperature=1.0, max_new_tokens=6)
     r = G.fill(model, TOK, "to be [MASK] not [sMASK] that is the [MASK]", s, np.random.default_rng(3),
                decoder=factory)
     n_steps = len(r.tokens) - r.context_len
@@ -164,8 +164,8 @@ def test_fast_and_model_cache_agree_and_recompute_is_not_causal_over_context():
 def test_float64_model_is_exact():
     model = small_model(seed=4).astype(np.float64)
     rec = []
-    r = G.fill(model, TOK, "a [MASK] b [MASK] c", G.Sampling(temperature=2.0, max_len=5), np.random.default_rng(0),
-               decoder=lambda m, c: rec.append(Recording(G.CachedDecoder(m, c))) or rec[-1])
+    r = G.fill(model, TOK, "a [MASK] b [MASK] c", G.Sampling(temperature=2.0, max_new_tokens=5),
+               np.random.default_rng(0), decoder=lambda m, c: rec.append(Recording(G.CachedDecoder(m, c))) or rec[-1])
     ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
     np.testing.assert_allclose(np.stack(rec[0].logits), ref, rtol=0, atol=1e-10)
 
@@ -175,12 +175,12 @@ def test_float64_model_is_exact():
 
 def test_greedy_is_deterministic_and_seeds_repeat():
     model = small_model(seed=5)
-    g1 = G.fill(model, TOK, "the [MASK] sat", G.Sampling(greedy=True, max_len=8))
-    g2 = G.fill(model, TOK, "the [MASK] sat", G.Sampling(greedy=True, max_len=8), decoder="cached")
+    g1 = G.fill(model, TOK, "the [MASK] sat", G.Sampling(greedy=True, max_new_tokens=8))
+    g2 = G.fill(model, TOK, "the [MASK] sat", G.Sampling(greedy=True, max_new_tokens=8), decoder="cached")
     assert g1.fill_ids == g2.fill_ids
     for st in g1.steps:  # greedy takes the best candidate every time
         assert st.token_out == st.top[0][0]
-    s = G.Sampling(temperature=1.5, max_len=8)
+    s = G.Sampling(temperature=1.5, max_new_tokens=8)
     a = G.fill(model, TOK, "the [MASK] sat", s, np.random.default_rng(7))
     b = G.fill(model, TOK, "the [MASK] sat", s, np.random.default_rng(7))
     assert a.fill_ids == b.fill_ids
@@ -215,14 +215,14 @@ def test_overlong_context_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than the model's max_len=16"):
         G.fill(model, TOK, "a" * 20 + "[MASK]", G.Sampling(greedy=True))
     with pytest.raises(ValueError, match="block ids"):
-        G.fill(model, TOK, "a[MASK]", G.Sampling(greedy=True, max_len=17))
+        G.fill(model, TOK, "a[MASK]", G.Sampling(greedy=True, max_new_tokens=17))
 
 
 def test_fill_command(tmp_path, capsys):
     model = small_model(seed=6)
     run = tmp_path / "run"
     save_run(model, TOK, run, step=20)
-    ref = G.fill(model, TOK, "x [MASK] y", G.Sampling(greedy=True, max_len=5))
+    ref = G.fill(model, TOK, "x [MASK] y", G.Sampling(greedy=True, max_new_tokens=5))
     assert fill_command.main([str(run), "x [MASK] y", "--greedy", "--max-len", "5", "--steps"]) == 0
     out = capsys.readouterr().out
     assert ref.marked_text in out and "pos" in out and "block" in out

@@ -370,7 +370,7 @@ def test_fill_decoders_equal_recompute_for_every_switch(case, kind):
         dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
         return dec
 
-    r = G.fill(model, tok, "to be [MASK] not [sMASK] that", G.Sampling(max_len=5), np.random.default_rng(3),
+    r = G.fill(model, tok, "to be [MASK] not [sMASK] that", G.Sampling(max_new_tokens=5), np.random.default_rng(3),
                decoder=factory)
     assert len(logits) >= 4
     ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "minglm"
 # Lowest first. A module may import its own layer and the layers before it, never a later one.
 LAYERS = [
     ("backend", ["minglm.backend", "minglm.parallel"]),
-    ("autograd", ["minglm", "minglm.tensor", "minglm.functions", "minglm.ops"]),
+    ("autograd", ["minglm", "minglm.tensor", "minglm.ops"]),
     ("kernels", ["minglm.kernels"]),
     ("functional", ["minglm.functional", "minglm.masks"]),
     ("nn", ["minglm.nn"]),
@@ -26,7 +26,7 @@ LAYERS = [
     ("data", ["minglm.tokenizer", "minglm.data"]),
     ("training", ["minglm.config", "minglm.optim", "minglm.checkpoint", "minglm.runs", "minglm.train"]),
     ("use", ["minglm.generate", "minglm.finetune", "minglm.lora", "minglm.prefix", "minglm.interop",
-             "minglm.fill_eval"]),
+             "minglm.fill_eval", "minglm.course"]),
     ("experiments", ["minglm.ablate"]),
     ("course", ["minglm.exercises", "minglm.testing"]),
     ("bench", ["minglm.bench"]),

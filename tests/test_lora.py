@@ -130,11 +130,11 @@ def test_generation_with_adapters_matches_recompute(kind):
         dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
         return dec
 
-    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_len=4), decoder=factory)
+    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_new_tokens=4), decoder=factory)
     ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
     np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], atol=1e-5, rtol=0)
     lora.remove_lora(model, merge=True)  # the adapters folded into plain Linear layers: the same fills
-    assert G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_len=4)).fill_ids == r.fill_ids
+    assert G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_new_tokens=4)).fill_ids == r.fill_ids
 
 
 def test_lora_finetuning_beats_zero_shot_on_a_synthetic_task():

@@ -58,7 +58,7 @@ def test_linear_matches_numpy_and_stores_out_in():
     assert lin.weight.shape == (3, 5) and lin.bias.shape == (3,)
     lin.bias.data[:] = rng.standard_normal(3).astype(np.float32)
     x = rng.standard_normal((2, 4, 5)).astype(np.float32)
-    y = lin(minglm.tensor(x))
+    y = lin(minglm.Tensor(x))
     np.testing.assert_allclose(y.numpy(), x @ lin.weight.data.T + lin.bias.data, rtol=1e-6, atol=1e-6)
     assert y.dtype == np.float32
 
@@ -71,7 +71,7 @@ def test_embedding_and_layernorm():
     ln = LayerNorm(4)
     assert ln.eps == 1e-5
     x = rng.standard_normal((3, 4)).astype(np.float32) * 5 + 2
-    y = ln(minglm.tensor(x)).numpy()
+    y = ln(minglm.Tensor(x)).numpy()
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(y, ref, atol=1e-5)
 
@@ -86,7 +86,7 @@ def test_init_uses_only_the_given_generator():
 
 def test_train_eval_and_dropout():
     m = Two(np.random.default_rng(0))
-    x = minglm.tensor(np.ones((2, 3), dtype=np.float32))
+    x = minglm.Tensor(np.ones((2, 3), dtype=np.float32))
     assert m.training and m.drop.training
     with pytest.raises(ValueError, match="rng"):
         m(x)  # training-mode dropout needs an explicit generator
@@ -105,7 +105,7 @@ def test_train_eval_and_dropout():
 
 def test_zero_grad():
     m = Two(np.random.default_rng(0)).eval()
-    m(minglm.tensor(np.ones((2, 3), dtype=np.float32))).sum().backward()
+    m(minglm.Tensor(np.ones((2, 3), dtype=np.float32))).sum().backward()
     assert all(p.grad is not None for p in m.parameters())
     m.zero_grad()
     assert all(p.grad is None for p in m.parameters())

@@ -298,18 +298,18 @@ TABLE: list[Row] = [
     Row("cross_entropy", "CrossEntropy", F.cross_entropy, cross_entropy_ref, _ce_inputs),
     Row("cross_entropy_mask", "CrossEntropy", F.cross_entropy, cross_entropy_ref, _ce_masked_inputs),
     # normalisation, embedding, linear, dropout
-    Row("layer_norm", "LayerNorm", F.layer_norm, layer_norm_ref,
+    Row("layer_norm", "LayerNormOp", F.layer_norm, layer_norm_ref,
         lambda r: [P(randn(r, 2, 3, 6)), P(1.0 + 0.3 * randn(r, 6)), P(randn(r, 6))]),
-    Row("layer_norm_nobias", "LayerNorm", lambda x, w: F.layer_norm(x, w, None, eps=1e-3),
+    Row("layer_norm_nobias", "LayerNormOp", lambda x, w: F.layer_norm(x, w, None, eps=1e-3),
         lambda x, w: layer_norm_ref(x, w, None, eps=1e-3), lambda r: [P(randn(r, 4, 5)), P(1.0 + 0.3 * randn(r, 5))]),
-    Row("embedding", "Embedding", F.embedding, lambda ids, w: w[ids],
+    Row("embedding", "EmbeddingOp", F.embedding, lambda ids, w: w[ids],
         lambda r: [K(np.array([[0, 3, 3, 5, 0], [1, 0, 3, 2, 2]])), P(randn(r, 6, 3))]),
-    Row("linear", "Linear", F.linear, lambda x, w, b: x @ w.T + b,
+    Row("linear", "LinearOp", F.linear, lambda x, w, b: x @ w.T + b,
         lambda r: [P(randn(r, 2, 3, 4)), P(randn(r, 5, 4)), P(randn(r, 5))]),
-    Row("linear_nobias", "Linear", F.linear, lambda x, w: x @ w.T, lambda r: [P(randn(r, 3, 4)), P(randn(r, 2, 4))]),
-    Row("linear_1d", "Linear", F.linear, lambda x, w, b: w @ x + b,
+    Row("linear_nobias", "LinearOp", F.linear, lambda x, w: x @ w.T, lambda r: [P(randn(r, 3, 4)), P(randn(r, 2, 4))]),
+    Row("linear_1d", "LinearOp", F.linear, lambda x, w, b: w @ x + b,
         lambda r: [P(randn(r, 4)), P(randn(r, 3, 4)), P(randn(r, 3))]),
-    Row("dropout", "Dropout", lambda a: F.dropout(a, 0.3, True, np.random.default_rng(7)),
+    Row("dropout", "DropoutOp", lambda a: F.dropout(a, 0.3, True, np.random.default_rng(7)),
         lambda a: a * dropout_keep(a.shape, 0.3, 7), lambda r: [P(randn(r, 4, 5))]),
     # selection and joining
     Row("where", "Where", F.where, lambda c, a, b: np.where(c, a, b),
@@ -432,7 +432,7 @@ def test_backward_gradcheck(name, xp):
 
 
 # --- the same rows cut into pieces and run on 2 threads (minglm/parallel.py) ----------------------------------------
-PIECED = ("GeLUTanh", "LayerNorm", "Attention")  # the Functions that split their passes with parallel.pieces
+PIECED = ("GeLUTanh", "LayerNormOp", "Attention")  # the Functions that split their passes with parallel.pieces
 
 
 @pytest.fixture

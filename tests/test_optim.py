@@ -141,7 +141,7 @@ def test_gradient_accumulation_equals_mean_of_micro_batches():
     opt = AdamW([("w", w)], lr=0.1)
     opt.zero_grad()
     for x in (x1, x2):
-        loss = ((minglm.tensor(x) @ w) ** 2).mean()
+        loss = ((minglm.Tensor(x) @ w) ** 2).mean()
         (loss * 0.5).backward()
     got = opt.gather_grads().reshape(3, 1)
     wd = w.data.astype(np.float64)

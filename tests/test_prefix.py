@@ -140,7 +140,8 @@ def test_fill_with_a_prefix_matches_recompute(kind):
         dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
         return dec
 
-    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(max_len=4), np.random.default_rng(1), decoder=factory)
+    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(max_new_tokens=4), np.random.default_rng(1),
+               decoder=factory)
     ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
     np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
 

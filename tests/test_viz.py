@@ -327,8 +327,8 @@ def test_attention_weights_of_a_real_model():
 def test_draw_graph_layers_and_labels():
     import minglm
 
-    x = minglm.tensor(np.ones((2, 3), np.float32), requires_grad=True)
-    w = minglm.tensor(np.ones((3, 4), np.float32), requires_grad=True)
+    x = minglm.Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    w = minglm.Tensor(np.ones((3, 4), np.float32), requires_grad=True)
     h = x @ w  # MatMul
     out = (h.tanh() + h).sum()  # h is used twice: directly and through tanh
     nodes, edges, root = build_graph(out)

@@ -106,8 +106,8 @@ def build(out_dir: Path, run: Path | None, seed: int = 0, steps: int = 60, dpi: 
 
 def _graph_figure(seed: int):
     rng = np.random.default_rng(seed)
-    x = minglm.tensor(rng.standard_normal((4, 8)).astype(np.float32))
-    wq, wk, wv = (minglm.tensor(0.1 * rng.standard_normal((8, 8)).astype(np.float32), requires_grad=True)
+    x = minglm.Tensor(rng.standard_normal((4, 8)).astype(np.float32))
+    wq, wk, wv = (minglm.Tensor(0.1 * rng.standard_normal((8, 8)).astype(np.float32), requires_grad=True)
                   for _ in range(3))
     q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)  # (T, C) each
     att = F.softmax((q @ k.transpose(1, 0)) * (1.0 / np.sqrt(8.0)), axis=-1)  # (T, T)

@@ -10,23 +10,16 @@ Left out: sentence- and document-level spans (their lengths follow the text and 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from minglm.data.samplers import TokenSpanSampler, truncated_poisson_pmf
+from minglm.tokenizer import CLS_ID, EOS_ID, N_SPECIAL
 from viz.style import OKABE_ITO, new_figure
 
 
-def poisson_pmf(lam: float = 3.0, max_len: int = 39) -> np.ndarray:
-    """P(len = k), k = 1..max_len: Poisson(lam) without 0, renormalised (the official `range(1, 40)` weights)."""
-    try:
-        from minglm.data.samplers import truncated_poisson_pmf
-
-        return truncated_poisson_pmf(lam, max_len)
-    except ImportError:  # keep the plot usable without the data module
-        k = np.arange(1, max_len + 1)
-        p = np.exp(k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k]))
-        return p / p.sum()
+def poisson_pmf(lam: float = 3.0, max_span_len: int = 39) -> np.ndarray:
+    """P(len = k), k = 1..max_span_len: Poisson(lam) without 0, renormalised (the official `range(1, 40)` weights)."""
+    return truncated_poisson_pmf(lam, max_span_len)
 
 
 def draw_from_sampler(sampler, n: int, rng: np.random.Generator, seq_len: int = 128):
@@ -34,8 +27,6 @@ def draw_from_sampler(sampler, n: int, rng: np.random.Generator, seq_len: int = 
 
     Returns (lengths of every span, masked ratio of every window).
     """
-    from minglm.tokenizer import CLS_ID, EOS_ID, N_SPECIAL
-
     window = np.full(seq_len, N_SPECIAL, dtype=np.int64)  # ordinary tokens; only the framing matters to the sampler
     window[0], window[-1] = CLS_ID, EOS_ID
     lengths, ratios = [], np.zeros(n)
@@ -48,7 +39,7 @@ def draw_from_sampler(sampler, n: int, rng: np.random.Generator, seq_len: int = 
 
 
 def plot_span_lengths(sampler_or_lengths=None, n: int = 2000, rng: np.random.Generator | None = None,
-                      seq_len: int = 128, ratios=None, lam: float = 3.0, max_len: int = 39, target: float = 0.15):
+                      seq_len: int = 128, ratios=None, lam: float = 3.0, max_span_len: int = 39, target: float = 0.15):
     """Histogram of span lengths against the truncated Poisson pmf, and the distribution of the mask ratio.
 
     sampler_or_lengths: a span sampler (e.g. `minglm.data.TokenSpanSampler()`, called as sampler(window, rng) on
@@ -58,19 +49,17 @@ def plot_span_lengths(sampler_or_lengths=None, n: int = 2000, rng: np.random.Gen
     """
     rng = np.random.default_rng(0) if rng is None else rng
     if sampler_or_lengths is None:
-        from minglm.data.samplers import TokenSpanSampler
-
-        sampler_or_lengths = TokenSpanSampler(ratio=target, lam=lam, max_len=max_len)
+        sampler_or_lengths = TokenSpanSampler(ratio=target, lam=lam, max_span_len=max_span_len)
     if callable(sampler_or_lengths):
         source = f"{type(sampler_or_lengths).__name__}, {n} windows of {seq_len} tokens"
         lengths, ratios = draw_from_sampler(sampler_or_lengths, n, rng, seq_len)
-        pmf = np.asarray(getattr(sampler_or_lengths, "pmf", poisson_pmf(lam, max_len)))
+        pmf = np.asarray(getattr(sampler_or_lengths, "pmf", poisson_pmf(lam, max_span_len)))
     else:
         lengths = np.asarray(sampler_or_lengths).reshape(-1)
         if lengths.size == 0 or lengths.min() < 1:
             raise ValueError(f"plot_span_lengths: span lengths must be >= 1 and non-empty, got {lengths[:10]}")
         source = f"{lengths.size} given spans"
-        pmf = poisson_pmf(lam, max_len)
+        pmf = poisson_pmf(lam, max_span_len)
     lengths = lengths.astype(np.int64)
     fig = new_figure(11.0, 4.2)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.4, 1.0])

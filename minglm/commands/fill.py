@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new = args.max_len if args.max_len is not None else min(64, model.config.max_len)
         sampling = Sampling(greedy=not sample, temperature=1.0 if args.temperature is None else args.temperature,
                             top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-                            max_len=max_new, repetition_penalty=args.repetition_penalty,
+                            max_new_tokens=max_new, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram)
         t0 = time.perf_counter()
         result = fill(model, tokenizer, args.text, sampling, np.random.default_rng(args.seed), decoder=args.decoder)

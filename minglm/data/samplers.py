@@ -27,9 +27,9 @@ from minglm.tokenizer import CLS_ID, EOS_ID
 SENTENCE_END_CHARS = ".?!;:。？！；…\n"
 
 
-def truncated_poisson_pmf(lam: float = 3.0, max_len: int = 39) -> np.ndarray:
-    """P(len = k) for k = 1..max_len: Poisson(lam) with 0 excluded and renormalised (official range(1, 40))."""
-    k = np.arange(1, max_len + 1)
+def truncated_poisson_pmf(lam: float = 3.0, max_span_len: int = 39) -> np.ndarray:
+    """P(len = k) for k = 1..max_span_len: Poisson(lam) with 0 excluded and renormalised (official range(1, 40))."""
+    k = np.arange(1, max_span_len + 1)
     logp = k * math.log(lam) - lam - np.array([math.lgamma(i + 1) for i in k])
     p = np.exp(logp)
     return p / p.sum()
@@ -123,10 +123,10 @@ def place_spans(tokens: np.ndarray, lengths: np.ndarray, rng: np.random.Generato
 class TokenSpanSampler:
     """Token-level span sampler (§2.2) with resampling instead of dropping; counts events in `stats`."""
 
-    def __init__(self, ratio: float = 0.15, lam: float = 3.0, max_len: int = 39, max_tries: int = 20,
+    def __init__(self, ratio: float = 0.15, lam: float = 3.0, max_span_len: int = 39, max_tries: int = 20,
                  cls_id: int = CLS_ID, eos_id: int = EOS_ID):
         self.ratio, self.max_tries = ratio, max_tries
-        self.pmf = truncated_poisson_pmf(lam, max_len)
+        self.pmf = truncated_poisson_pmf(lam, max_span_len)
         self.cdf = np.cumsum(self.pmf)
         self.cdf[-1] = 1.0
         self.cls_id, self.eos_id = cls_id, eos_id
@@ -247,7 +247,7 @@ def is_multi_document(tokens: np.ndarray, eos_id: int = EOS_ID) -> bool:
 
 
 def draw_gmask_bound(lengths, rng: np.random.Generator, min_ratio: float) -> int:
-    """The per-batch length bound of [gMASK] (§2.4): randint(int(min_ratio * min_len), max_len - 2), inclusive."""
+    """The per-batch length bound of [gMASK] (§2.4): randint(int(min_ratio * min_len), longest - 2), inclusive."""
     lengths = np.asarray(lengths)
     lo, hi = int(min_ratio * int(lengths.min())), int(lengths.max()) - 2
     lo = max(lo, 1)
