@@ -67,10 +67,10 @@ def test_no_repeat_ngram_inside_a_fill():
 
     def run(**kw):
         rows = [logits_favouring(w, TOK.eop_id) for w in want]
-        return G.fill(MODEL, TOK, "a [MASK] b", G.Sampling(greedy=True, max_len=6, **kw),
+        return G.fill(MODEL, TOK, "a [MASK] b", G.Sampling(greedy=True, max_new_tokens=6, **kw),
                       decoder=lambda m, c: Scripted(rows))
 
-    assert run().fills == ["xyxyxy"] and run().stop_reasons == ["max_len"]
+    assert run().fills == ["xyxyxy"] and run().stop_reasons == ["max_new_tokens"]
     r = run(no_repeat_ngram=2)  # after x y x, the bigram (x, y) would repeat: <eop> wins
     assert r.fills == ["xyx"] and r.stop_reasons == ["eop"]
     assert run(repetition_penalty=100.0).fills == ["xy"]  # x then y are new; x again is pushed below <eop>
@@ -81,7 +81,8 @@ def test_space_before_a_blank_moves_into_the_fill_and_never_doubles():
     assert ctx.tolist() == [TOK.cls_id, *TOK.encode("a"), TOK.mask_id, *TOK.encode(" b"), TOK.eos_id]
     sp, x = TOK.encode(" ")[0], TOK.encode("x")[0]
     rows = [logits_favouring(sp), logits_favouring(x), logits_favouring(sp), logits_favouring(TOK.eop_id)]
-    r = G.fill(MODEL, TOK, "a [MASK] b", G.Sampling(greedy=True, max_len=6), decoder=lambda m, c: Scripted(rows))
+    r = G.fill(MODEL, TOK, "a [MASK] b", G.Sampling(greedy=True, max_new_tokens=6),
+               decoder=lambda m, c: Scripted(rows))
     assert r.fill_ids == [[sp, x, sp]] and r.fills == ["x"] and r.filled_text == "a x b"
     assert G.trim_fill(" x ", "a(", ")b") == " x " and G.trim_fill(" x", "", "") == "x"
 
