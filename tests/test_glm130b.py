@@ -553,13 +553,15 @@ def test_ablate_command_on_a_few_steps(tmp_path, capsys):
                  "--corpus", str(corpus), "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "| setting | lr | val loss (per seed) | fill exact | largest grad-norm spike | tokens/s |" in text
+    header = "| setting | lr | val loss (per seed) | fill exact | fill char-F1 | largest grad-norm spike | tokens/s |"
+    assert header in text
     assert "GLM-1 (all off)" in text and "GLM-130B, high lr" in text
     result = json.loads((out / "ablation.json").read_text())
     assert [r["setting"] for r in result["summary"]] == ["glm1", "glm130b-highlr"]
     assert len(result["runs"]) == 4 and {r["seed"] for r in result["runs"]} == {0, 1}
     for run in result["runs"]:
         assert run["steps_done"] == 3 and math.isfinite(run["val_loss"]) and 0.0 <= run["fill_exact"] <= 1.0
+        assert 0.0 <= run["fill_f1"] <= 1.0
         assert run["tokens_per_s"] > 0 and run["grad_spike"] >= 1.0
     assert result["summary"][1]["lr"] == pytest.approx(0.02)
     assert (out / "ablation.md").read_text().startswith("3 steps of the tiny config")
@@ -578,20 +580,21 @@ def test_plot_ablation_draws_bars_dots_and_diverged_seeds():
     import viz
 
     def run(setting, seed, loss):
-        return {"setting": setting, "seed": seed, "val_loss": loss, "fill_exact": 0.1 if math.isfinite(loss) else
-                float("nan"), "grad_spike": 2.0, "tokens_per_s": 5000.0}
+        fill = 0.1 if math.isfinite(loss) else float("nan")
+        return {"setting": setting, "seed": seed, "val_loss": loss, "fill_exact": fill, "fill_f1": fill,
+                "grad_spike": 2.0, "tokens_per_s": 5000.0}
 
     runs = [run("a", 0, 2.1), run("a", 1, 2.2), run("b", 0, float("nan")), run("b", 1, 2.6)]
     summary = [{"setting": "a", "label": "GLM-1", "unstable": False, "val_loss": 2.15, "fill_exact": 0.1,
-                "grad_spike": 2.0, "tokens_per_s": 5000.0},
+                "fill_f1": 0.1, "grad_spike": 2.0, "tokens_per_s": 5000.0},
                {"setting": "b", "label": "GLM-1, high lr", "unstable": True, "val_loss": 2.6, "fill_exact": 0.1,
-                "grad_spike": 2.0, "tokens_per_s": 5000.0}]
+                "fill_f1": 0.1, "grad_spike": 2.0, "tokens_per_s": 5000.0}]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fig = viz.plot_ablation({"summary": summary, "runs": runs, "config": {"steps": 5, "seeds": [0, 1]}})
         fig.savefig(io.BytesIO(), format="png")
     axes = fig.axes
-    assert len(axes) == 4 and [t.get_text() for t in axes[0].get_yticklabels()] == ["GLM-1", "GLM-1, high lr"]
+    assert len(axes) == 5 and [t.get_text() for t in axes[0].get_yticklabels()] == ["GLM-1", "GLM-1, high lr"]
     assert len(axes[0].patches) == 2  # one bar per setting
     with pytest.raises(ValueError, match="run_ablation"):
         viz.plot_ablation({"runs": []})

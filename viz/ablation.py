@@ -4,7 +4,8 @@ Input: the result of ``minglm.ablate.run_ablation`` (or its ``ablation.json``). 
 dot one seed; the deliberately unstable settings (a high learning rate) are drawn in a second colour, and a diverged
 seed is marked with an x at the axis. The four panels are the columns of the table: final validation loss, exact
 match of greedy fills, the largest gradient-norm spike (×, against the median of the 20 steps before it) and
-training tokens per second.
+training tokens per second; a fifth panel shows the fills' character F1, which still tells settings apart when
+the runs are too short for exact fills.
 Left out: loss curves (``loss_curve`` of each run is in the JSON for that) and error bars from two seeds.
 """
 
@@ -19,6 +20,7 @@ from viz.style import OKABE_ITO, new_figure
 PANELS = (  # (key in a run record, title, scale applied to the values)
     ("val_loss", "validation loss (lower is better)", 1.0),
     ("fill_exact", "fill exact match, % (higher is better)", 100.0),
+    ("fill_f1", "fill character F1, %", 100.0),
     ("grad_spike", "largest grad-norm spike, × median", 1.0),
     ("tokens_per_s", "training tokens / s", 1.0),
 )
@@ -31,7 +33,7 @@ def plot_ablation(result: dict, title: str | None = None):
         raise ValueError("plot_ablation: expected the result of minglm.ablate.run_ablation (with summary and runs)")
     labels = [row["label"] for row in summary]
     n = len(labels)
-    fig = new_figure(4.0 * len(PANELS), 0.9 + 0.32 * n)
+    fig = new_figure(3.4 * len(PANELS), 0.9 + 0.32 * n)
     axes = fig.subplots(1, len(PANELS), sharey=True)
     y = np.arange(n)
     stable, unstable = OKABE_ITO["blue"], OKABE_ITO["orange"]

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m minglm ablate",
         description="Train the tiny GLM with each GLM-130B switch (RoPE 1-D/2-D, DeepNorm, GeGLU, EGS, FP32 softmax) "
                     "on and off, plus a high-lr setting, at several seeds; one table and one plot.")
-    ap.add_argument("--quick", action="store_true", help="the lesson's version: 60 steps a run, a few minutes")
-    ap.add_argument("--steps", type=int, help="steps per run (default: 800, or 60 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="the lesson's version: 120 steps a run, a few minutes")
+    ap.add_argument("--steps", type=int, help="steps per run (default: 800, or 120 with --quick)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1)")
     ap.add_argument("--only", default=None,
                     help="comma-separated settings (default: all): " + ", ".join(s.key for s in ablate.SETTINGS))
