@@ -250,3 +250,38 @@ def test_one_piece_per_sample_gives_the_same_numbers(monkeypatch):
         parallel.set_num_threads(before)
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["twin", "reference"])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_nan_in_padding_never_reaches_real_rows(impl, dtype, tol):
+    """A caller's padding may hold anything. With NaN in every padded row of q, k, v and the upstream gradient
+    (and, for the twin's backward, of o and lse), the real rows equal a run with clean padding and every padded
+    row of o, lse, dq, dk, dv is exactly 0. (A masked probability is 0, but 0 * NaN is NaN: padding must be read
+    as 0, as the kernel loads it.)"""
+    rng = np.random.default_rng(10)
+    B, H, T, D = 3, 2, 45, 8
+    q, k, v, do = _inputs(rng, B, H, T, D, dtype)
+    sep, lengths = np.array([5, 0, 20]), np.array([30, 17, 45])
+    pad = np.arange(T)[None, :] >= lengths[:, None]  # (B, T)
+    pad3 = pad[:, None, :].repeat(H, 1)  # (B, H, T)
+
+    def run(q, k, v, do):
+        if impl == "reference":
+            o, lse, backward = reference_attention(q, k, v, sep, lengths=lengths)
+            return (o, lse, *backward(do))
+        o, lse = twin.flash_attention_forward(q, k, v, sep, block_q=16, block_k=16, lengths=lengths)
+        o_nan, lse_nan = o.copy(), lse.copy()
+        o_nan[pad3], lse_nan[pad3] = np.nan, np.nan
+        grads = twin.flash_attention_backward(q, k, v, o_nan, lse_nan, do, sep, block_q=16, block_k=16,
+                                              lengths=lengths)
+        return (o, lse, *grads)
+
+    clean = run(q, k, v, do)
+    for a in (q, k, v, do):
+        a[pad3] = np.nan
+    dirty = run(q, k, v, do)
+    for name, c, d in zip(("o", "lse", "dq", "dk", "dv"), clean, dirty):
+        assert np.isfinite(d).all(), f"{impl} {name}: NaN from the padding leaked"
+        np.testing.assert_allclose(d, c, atol=tol, rtol=tol, err_msg=f"{impl} {name}")
+        assert (d[pad3] == 0).all(), f"{impl} {name}: padded rows are not 0"

@@ -7,7 +7,8 @@ Works on NumPy and CuPy arrays alike (``get_xp``).
 
 The mask follows GLM-REFERENCE.md §3: key j is visible to query i of sample b when ``j < sep[b]`` or ``j <= i``.
 With ``lengths``, query rows ``i >= lengths[b]`` are treated as absent (output 0, lse 0, no gradient), the same
-rule the twin and the kernel use.
+rule the twin and the kernel use, and the padded rows of q, k, v and of the upstream gradient are read as 0: a
+masked probability is 0, but it still multiplies its value row, and 0 * NaN is NaN.
 
 Left out: dropout, memory columns, and the −65504 fill of the official fp16 code (−inf gives identical float32
 results, §3).
@@ -16,7 +17,7 @@ results, §3).
 from __future__ import annotations
 
 from minglm.backend import get_xp
-from minglm.kernels.twin import _check_inputs
+from minglm.kernels.twin import _check_inputs, _zero_padding
 
 
 def glm_mask(xp, T: int, sep, lengths=None):
@@ -42,6 +43,7 @@ def reference_attention(q, k, v, sep, scale=None, lengths=None):
     scale = float(D**-0.5 if scale is None else scale)
     mask = glm_mask(xp, T, sep_h, len_h)  # (B, 1, T, T)
     real_row = mask.any(axis=-1)  # (B, 1, T): False only for absent pad rows
+    q, k, v = (_zero_padding(xp, a, len_h) for a in (q, k, v))  # whatever the padding holds, it counts as 0
 
     s = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, T)
     xp.copyto(s, float("-inf"), where=~mask)
@@ -56,6 +58,7 @@ def reference_attention(q, k, v, sep, scale=None, lengths=None):
 
     def backward(do):
         """Gradients of ``sum(do * o)`` with respect to q, k and v."""
+        do = _zero_padding(xp, do, len_h)
         dv = p.swapaxes(-1, -2) @ do  # (B, H, T, D)
         dp = do @ v.swapaxes(-1, -2)  # (B, H, T, T)
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # softmax backward, row by row

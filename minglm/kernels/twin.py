@@ -48,7 +48,9 @@ copies the inputs; a batch that already comes sorted by decreasing sep is used a
 
 Optional ``lengths`` (valid length per sample, pads at the end): query rows ``i >= lengths[b]`` are treated as
 absent, with output 0, lse 0, zero dq and no contribution to dk/dv. Real rows are unchanged, since a real row never
-sees a pad key when ``sep <= length``. The CUDA kernel uses the same rule and skips whole padded tiles.
+sees a pad key when ``sep <= length``. The CUDA kernel uses the same rule and skips whole padded tiles. Padding is
+never trusted: its rows of q, k, v (and o, do, lse in the backward) are read as 0, as the kernel loads them,
+because a masked probability is 0 but still multiplies its value row, and 0 * NaN is NaN.
 
 Left out: dropout on the attention probabilities, a K/V cache (decoding), and memory ("mems") columns.
 """
@@ -93,6 +95,17 @@ def _check_inputs(fn: str, q, k, v, sep, lengths):
         if (len_h < sep_h).any() or (len_h > T).any():
             raise ValueError(f"{fn}: need sep <= lengths <= T={T}, got sep {sep_h.tolist()} lengths {len_h.tolist()}")
     return sep_h, len_h
+
+
+def _zero_padding(xp, x, len_h):
+    """A copy of ``x`` (B, H, T[, D]) with the rows ``t >= len_h[b]`` set to 0; ``x`` itself without padding."""
+    T = x.shape[2]
+    if len_h is None or (len_h >= T).all():
+        return x
+    keep = xp.arange(T).reshape(1, 1, T) < xp.asarray(len_h).reshape(-1, 1, 1)  # (B, 1, T)
+    if x.ndim == 4:
+        keep = keep[..., None]  # (B, 1, T, 1)
+    return xp.where(keep, x, xp.zeros((), dtype=x.dtype))
 
 
 def _blas_ready(xp, x):
@@ -179,6 +192,7 @@ def flash_attention_forward(q, k, v, sep, scale=None, block_q=DEFAULT_BLOCK_Q, b
 
         parallel.parallel_for(piece, list(range(q.shape[0])))
         return o, lse
+    q, k, v = (_zero_padding(xp, a, len_h) for a in (q, k, v))  # padded rows read as 0, like the kernel
     k, v = _blas_ready(xp, k), _blas_ready(xp, v)
     B, H, T, D = q.shape
     dt = q.dtype
@@ -271,6 +285,7 @@ def flash_attention_backward(
         parallel.parallel_for(piece, list(range(B)))
         return dq, dk, dv
     dt = q.dtype
+    q, k, v, o, do, lse = (_zero_padding(xp, a, len_h) for a in (q, k, v, o, do, lse))  # padded rows read as 0
     do, lse = _blas_ready(xp, do.astype(dt, copy=False)), lse.astype(dt, copy=False)
     k, v = _blas_ready(xp, k), _blas_ready(xp, v)
     scale = float(D**-0.5 if scale is None else scale)
