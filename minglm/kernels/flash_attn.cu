@@ -4,7 +4,9 @@
 //   o = softmax(scale * q k^T + mask) v,   lse = log of each row's softmax denominator (saved for the backward).
 // The mask is evaluated from sep[b] on the fly: no T×T buffer exists anywhere, in global or shared memory.
 // Rows i >= len[b] (padding at the end; len[b] = T when the caller has no lengths) are treated as absent:
-// o = 0, lse = 0, no gradient. A real row never sees a pad key because sep <= len.
+// o = 0, lse = 0, no gradient. A real row never sees a pad key because sep <= len. Padding is never trusted:
+// q, k, v, dO rows >= len load as 0 and padded outputs are written as 0 (not "acc * 0"), because a masked
+// probability is 0 but 0 * NaN is NaN, and a caller's padding may hold anything.
 //
 // The NumPy twin (twin.py) runs the same algorithm with the same online-softmax recurrence and is where the
 // derivation lives; the tests check the twin against plain attention. Layout: q, k, v, o, do, dq, dk, dv are
@@ -13,6 +15,9 @@
 // Compile with -DHEAD_DIM=32, 64 or 128 (NVRTC or nvcc). NVRTC has no host headers and no INFINITY macro, so
 // -inf is __int_as_float(0xff800000). Shared memory is dynamic; the launcher (cuda.py) reads the sizes and tile
 // constants back from the tiny smem_floats kernel and raises the per-kernel limit where a size is above 48 KiB.
+// -DSMALL_TILES=1 builds smaller query tiles (16 forward rows, 8 backward rows) for GPUs whose per-block limit
+// (MaxSharedMemoryPerBlockOptin) is below the default tiles' need: 64 KiB on a T4, 48 KiB on Pascal. cuda.py
+// picks the variant per kernel and per device.
 // CPU checks: nvrtc_check.py compiles this file with NVRTC; emulate.py runs it unchanged, thread by thread, on a CPU.
 //
 // Forward kernel, glm_attn_fwd: one block = (query tile of FWD_BQ rows, head, sample), 4 warps. A warp owns
@@ -31,13 +36,16 @@
 //        touch the same query rows. That costs one atomic per (row, dim) per tile pair, which was chosen over
 //        a second kernel that loops over key tiles per query tile (it would recompute S and P a second time).
 //
-// Resources, `nvcc -cubin -arch=sm_90 -Xptxas -v -std=c++17 -DHEAD_DIM=..` (CUDA 13.0), 0 bytes stack and 0 bytes
-// spill stores / loads for every kernel; shared memory is all dynamic (bytes = 4 * *_SMEM_FLOATS):
-//   HEAD_DIM  32: glm_attn_fwd  96 registers, 17,024 B smem (64-row tiles) | glm_attn_bwd  40 registers, 25,088 B
-//   HEAD_DIM  64: glm_attn_fwd 128 registers, 33,408 B smem (64-row tiles) | glm_attn_bwd  64 registers, 41,472 B
-//   HEAD_DIM 128: glm_attn_fwd  96 registers, 49,792 B smem (32-row tiles) | glm_attn_bwd 128 registers, 74,240 B
-// (`python -m minglm.kernels.nvrtc_check --resources` prints the current numbers.) At 128 registers and 128
-// threads a block uses 16K of an SM's 64K registers, so up to 4 blocks (16 warps) are resident per SM.
+// Resources, NVRTC 13.5 `-Xptxas -v` (python -m minglm.kernels.nvrtc_check prints them for sm_75, sm_80 and
+// sm_90 and fails on any spill): 0 bytes spill stores / loads for every kernel; registers on sm_90 (sm_75, sm_80):
+//   HEAD_DIM  32: glm_attn_fwd 114 (117, 117), 17,024 B smem, 64-row tiles | glm_attn_bwd  80 (72, 72), 25,088 B
+//   HEAD_DIM  64: glm_attn_fwd 128 (122, 124), 33,408 B smem, 64-row tiles | glm_attn_bwd  96 (91, 91), 41,472 B
+//   HEAD_DIM 128: glm_attn_fwd 108 (105, 107), 49,792 B smem, 32-row tiles | glm_attn_bwd 128 (128, 128), 74,240 B
+//   HEAD_DIM 128, SMALL_TILES: glm_attn_fwd 41,600 B, 16-row tiles | glm_attn_bwd 43,328 B, 8-row query tiles
+// Shared memory is all dynamic (bytes = 4 * *_SMEM_FLOATS). __launch_bounds__(NTHREADS, MIN_BLOCKS) caps the
+// registers at 128 (64K registers / (4 blocks * 128 threads)): with only the thread count, NVRTC 13.5 chose 96
+// registers and spilled 12 B in glm_attn_fwd at HEAD_DIM 32 for sm_75 and sm_80. At 128 registers a block uses
+// 16K of an SM's 64K registers, so up to 4 blocks (16 warps) are resident per SM.
 // Left out: dropout, half-precision loads (cuda.py casts float16 to float32 first), tensor cores (mma), K/V cache
 // decoding, and memory ("mems") columns.
 
@@ -45,24 +53,30 @@
 #error "compile with -DHEAD_DIM=32, -DHEAD_DIM=64 or -DHEAD_DIM=128"
 #endif
 
+#ifndef SMALL_TILES
+#define SMALL_TILES 0
+#endif
+
 constexpr int D = HEAD_DIM;
 static_assert(D % 32 == 0 && D >= 32 && D <= 128, "HEAD_DIM must be 32, 64 or 128");
 constexpr int WARP = 32;
 constexpr int NWARPS = 4;
 constexpr int NTHREADS = NWARPS * WARP;  // 128 threads per block, both kernels
+constexpr int MIN_BLOCKS = 4;            // blocks per SM that __launch_bounds__ asks ptxas to allow for
 constexpr int DPL = D / WARP;            // head dims per lane: lane owns dims lane, lane + 32, ...
 constexpr int DPAD = D + 1;              // row stride of tiles read "one row per lane": odd, so no bank conflicts
 
 // forward tiling
-constexpr int FWD_ROWS = (D == 128) ? 8 : 16;  // query rows per warp (fewer at D 128 to keep registers low)
+constexpr int FWD_ROWS = SMALL_TILES ? 4 : (D == 128) ? 8 : 16;  // query rows per warp (fewer at D 128: registers)
 constexpr int FWD_BQ = NWARPS * FWD_ROWS;      // query rows per block
 constexpr int FWD_BK = WARP;                   // keys per tile: one per lane
 // shared memory (floats): Q tile (FWD_BQ x D), K tile (FWD_BK x DPAD), V tile (FWD_BK x D), P rows (NWARPS x 32)
 constexpr int FWD_SMEM_FLOATS = FWD_BQ * D + FWD_BK * DPAD + FWD_BK * D + NWARPS * WARP;
 
 // backward tiling
-constexpr int BWD_BQ = 32;  // query rows per inner tile
-constexpr int BWD_BK = 32;  // keys per block: one per lane in phase A
+constexpr int BWD_BQ = SMALL_TILES ? 8 : 32;  // query rows per inner tile
+constexpr int BWD_BK = WARP;                   // keys per block: one per lane in phase A
+static_assert(BWD_BQ % NWARPS == 0 && BWD_BK % NWARPS == 0, "rows and keys are dealt out to the warps evenly");
 // shared memory (floats): K, V (BWD_BK x DPAD each), Q, dO (BWD_BQ x D each), P, dS (BWD_BQ x BWD_BK each),
 // lse, delta (BWD_BQ each)
 constexpr int BWD_SMEM_FLOATS = 2 * BWD_BK * DPAD + 2 * BWD_BQ * D + 2 * BWD_BQ * BWD_BK + 2 * BWD_BQ;
@@ -88,9 +102,10 @@ extern "C" __global__ void smem_floats(int* out) {
     out[1] = BWD_SMEM_FLOATS;
     out[2] = FWD_BQ;
     out[3] = BWD_BK;
+    out[4] = BWD_BQ;
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS)
+extern "C" __global__ void __launch_bounds__(NTHREADS, MIN_BLOCKS)
 glm_attn_fwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
              const int* __restrict__ sep_arr, const int* __restrict__ len_arr, float* __restrict__ o,
              float* __restrict__ lse, int H, int T, float scale) {
@@ -112,9 +127,9 @@ glm_attn_fwd(const float* __restrict__ q, const float* __restrict__ k, const flo
         return;
     }
 
-    for (int e = tid; e < FWD_BQ * D; e += NTHREADS) {  // load Q (rows past T as 0), folding in the scale
+    for (int e = tid; e < FWD_BQ * D; e += NTHREADS) {  // load Q (padded rows, and rows past T, as 0), scaled
         const int r = e / D;
-        Qs[e] = (i0 + r < T) ? q[(head + i0) * D + e] * scale : 0.f;
+        Qs[e] = (i0 + r < len) ? q[(head + i0) * D + e] * scale : 0.f;
     }
 
     float m[FWD_ROWS], l[FWD_ROWS], acc[FWD_ROWS][DPL];  // running max, sum, numerator (one set per row)
@@ -126,13 +141,13 @@ glm_attn_fwd(const float* __restrict__ q, const float* __restrict__ k, const flo
         for (int u = 0; u < DPL; ++u) acc[n][u] = 0.f;
     }
 
-    // keys >= max(last row + 1, sep) are invisible to every row of the tile: stop there
-    const int kv_end = min(T, max(i_end, sep));
+    // keys >= max(last row + 1, sep) are invisible to every row of the tile, and keys >= len to every real row
+    const int kv_end = min(len, max(i_end, sep));
     for (int j0 = 0; j0 < kv_end; j0 += FWD_BK) {
         __syncthreads();  // everyone is done with the previous K, V tile (and Q is loaded, first time)
         for (int e = tid; e < FWD_BK * D; e += NTHREADS) {
             const int c = e / D, d = e % D;
-            const bool in = j0 + c < T;
+            const bool in = j0 + c < len;  // padded keys load as 0: 0 * NaN would poison real rows
             Ks[c * DPAD + d] = in ? k[(head + j0) * D + e] : 0.f;
             Vs[c * D + d] = in ? v[(head + j0) * D + e] : 0.f;
         }
@@ -146,7 +161,7 @@ glm_attn_fwd(const float* __restrict__ q, const float* __restrict__ k, const flo
             float s = 0.f;
 #pragma unroll 8
             for (int d = 0; d < D; ++d) s += Qs[r * D + d] * Ks[lane * DPAD + d];
-            s = (j < T && glm_visible(i, j, sep)) ? s : neg_inf();
+            s = (j < len && glm_visible(i, j, sep)) ? s : neg_inf();
 
             const float m_new = fmaxf(m[n], warp_max(s));
             const float m_ref = (m_new == neg_inf()) ? 0.f : m_new;  // a row with nothing visible yet stays 0
@@ -175,12 +190,12 @@ glm_attn_fwd(const float* __restrict__ q, const float* __restrict__ k, const flo
         const bool real = i < len;
         const float inv_l = real ? 1.f / l[n] : 0.f;  // every real row sees key 0, so l > 0
 #pragma unroll
-        for (int u = 0; u < DPL; ++u) o[(head + i) * D + lane + WARP * u] = acc[n][u] * inv_l;
+        for (int u = 0; u < DPL; ++u) o[(head + i) * D + lane + WARP * u] = real ? acc[n][u] * inv_l : 0.f;
         if (lane == 0) lse[head + i] = real ? m[n] + logf(l[n]) : 0.f;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS)
+extern "C" __global__ void __launch_bounds__(NTHREADS, MIN_BLOCKS)
 glm_attn_bwd(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
              const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
              const int* __restrict__ sep_arr, const int* __restrict__ len_arr, float* __restrict__ dq,
@@ -199,11 +214,11 @@ glm_attn_bwd(const float* __restrict__ q, const float* __restrict__ k, const flo
     const int j0 = blockIdx.x * BWD_BK, h = blockIdx.y, b = blockIdx.z;
     const int sep = sep_arr[b], len = len_arr[b];
     const size_t head = ((size_t)b * H + h) * (size_t)T;
-    const int j_end = min(j0 + BWD_BK, T);
+    const int j_end = min(j0 + BWD_BK, len);  // keys [j0, j_end) are real
 
     for (int e = tid; e < BWD_BK * D; e += NTHREADS) {
         const int c = e / D, d = e % D;
-        const bool in = j0 + c < T;
+        const bool in = j0 + c < len;  // padded keys load as 0
         Ks[c * DPAD + d] = in ? k[(head + j0) * D + e] : 0.f;
         Vs[c * DPAD + d] = in ? v[(head + j0) * D + e] : 0.f;
     }
@@ -287,10 +302,11 @@ glm_attn_bwd(const float* __restrict__ q, const float* __restrict__ k, const flo
     for (int n = 0; n < KEYS_PER_WARP; ++n) {
         const int j = j0 + warp + NWARPS * n;
         if (j >= T) continue;
+        const bool real = j < len;  // a padded key gets no gradient: write 0, whatever the sums hold
 #pragma unroll
         for (int u = 0; u < DPL; ++u) {
-            dk[(head + j) * D + lane + WARP * u] = dk_acc[n][u];
-            dv[(head + j) * D + lane + WARP * u] = dv_acc[n][u];
+            dk[(head + j) * D + lane + WARP * u] = real ? dk_acc[n][u] : 0.f;
+            dv[(head + j) * D + lane + WARP * u] = real ? dv_acc[n][u] : 0.f;
         }
     }
 }

@@ -1,11 +1,14 @@
-"""Compile ``flash_attn.cu`` with NVRTC (the compiler CuPy uses) on a machine without a GPU.
+"""Compile ``flash_attn.cu`` with NVRTC (the compiler CuPy uses) on a machine without a GPU, and check its resources.
 
 nvcc accepting a kernel does not mean NVRTC will (NVRTC has no host headers, and no ``INFINITY``), and nothing runs
 CUDA C on a CPU, so CI compiles the source through NVRTC itself: ``libnvrtc`` from the ``nvidia-cuda-nvrtc`` wheel,
-called through ``ctypes``. Every head size is compiled for sm_80 (A100) and sm_90 (H100) with the options the
-launcher uses, and the table shows the result, the cubin size and any compiler messages.
+called through ``ctypes``. Every head size is compiled for sm_75 (T4), sm_80 (A100) and sm_90 (H100) with the
+options the launcher uses, plus the small-tile build (``-DSMALL_TILES=1``) at head size 128, the only size where
+a real GPU needs it. ``--ptxas-options=-v`` (NVRTC's ``-Xptxas -v``) makes ptxas write each kernel's registers,
+stack and spill bytes into the program log; the table shows them, and any spill is a failure: a spilling kernel
+moves its per-thread state through local memory on every tile, which costs more than anything the tiles save.
 
-    python -m minglm.kernels.nvrtc_check              # the NVRTC table; exit status 1 if any compile fails
+    python -m minglm.kernels.nvrtc_check              # the NVRTC table; exit status 1 on a failed compile or a spill
     python -m minglm.kernels.nvrtc_check --resources  # also nvcc's register / spill / shared-memory report
 
 Left out: running the code (that needs a GPU: tests/test_kernels_gpu.py) and PTX-only targets.
@@ -15,21 +18,25 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from minglm.kernels.cuda import COMPILE_OPTIONS, HEAD_DIMS, SOURCE_PATH
 
-ARCHS = ("sm_80", "sm_90")
+ARCHS = ("sm_75", "sm_80", "sm_90")
+BUILDS = tuple((d, False) for d in HEAD_DIMS) + ((128, True),)  # (head size, small tiles) pairs to compile
+KERNELS = ("glm_attn_fwd", "glm_attn_bwd")
+PTXAS_VERBOSE = "--ptxas-options=-v"
 NVRTC_DISTRIBUTION = "nvidia-cuda-nvrtc"
-
-
 def find_libnvrtc() -> Path | None:
     """Path of libnvrtc.so from the installed ``nvidia-cuda-nvrtc`` wheel, or None when it is not installed."""
     try:
@@ -81,25 +88,64 @@ class NVRTC:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def nvrtc_options(arch: str, head_dim: int) -> list[str]:
-    """What CuPy's RawModule passes: the launcher's options, -DHEAD_DIM, -ftz=true and a real architecture."""
-    return [*COMPILE_OPTIONS, f"-DHEAD_DIM={head_dim}", "-ftz=true", f"-arch={arch}"]
+def nvrtc_options(arch: str, head_dim: int, small_tiles: bool = False, verbose: bool = True) -> list[str]:
+    """What CuPy's RawModule passes (the launcher's options, -DHEAD_DIM, -ftz=true, a real architecture), plus the
+    small-tile define and ptxas's resource report."""
+    return [*COMPILE_OPTIONS, f"-DHEAD_DIM={head_dim}", *(["-DSMALL_TILES=1"] if small_tiles else []), "-ftz=true",
+            f"-arch={arch}", *([PTXAS_VERBOSE] if verbose else [])]
+
+
+def parse_ptxas_report(text: str) -> dict[str, dict[str, int]]:
+    """Registers, stack and spill bytes per kernel from ptxas's ``-v`` output (NVRTC's log or nvcc's stderr)."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            current = kernels.setdefault(m.group(1), {})
+        elif current is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                                     r"(\d+) bytes spill loads", line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current is not None and (m := re.search(r"Used (\d+) registers", line)):
+            current["registers"] = int(m.group(1))
+            if s := re.search(r"(\d+) bytes smem", line):
+                current["static_smem"] = int(s.group(1))
+    return kernels
+
+
+def spill_bytes(kernels: dict[str, dict[str, int]]) -> int:
+    """Spill stores plus spill loads over the attention kernels (0 for a clean build)."""
+    return sum(kernels.get(k, {}).get("spill_stores", 0) + kernels.get(k, {}).get("spill_loads", 0) for k in KERNELS)
+
+
+@functools.cache
+def compile_report(lib_path: str, arch: str, head_dim: int, small_tiles: bool = False) -> dict:
+    """Compile one build through NVRTC (once per process) and return its row: ok, seconds, cubin bytes, log, and
+    ptxas's resources per kernel."""
+    t0 = time.perf_counter()
+    ok, log, size = NVRTC(Path(lib_path)).compile(SOURCE_PATH.read_text(), SOURCE_PATH.name,
+                                                  nvrtc_options(arch, head_dim, small_tiles))
+    kernels = parse_ptxas_report(log)
+    return {"arch": arch, "head_dim": head_dim, "small_tiles": small_tiles, "ok": ok,
+            "seconds": time.perf_counter() - t0, "cubin_bytes": size, "log": log, "kernels": kernels,
+            "spill_bytes": spill_bytes(kernels)}
 
 
 def run_nvrtc_checks(lib_path: Path) -> list[dict]:
-    """Compile every (arch, head size); one result dict per compile."""
-    nvrtc = NVRTC(lib_path)
-    source = SOURCE_PATH.read_text()
-    rows = []
-    for arch in ARCHS:
-        for head_dim in HEAD_DIMS:
-            t0 = time.perf_counter()
-            ok, log, size = nvrtc.compile(source, SOURCE_PATH.name, nvrtc_options(arch, head_dim))
-            rows.append(
-                {"arch": arch, "head_dim": head_dim, "ok": ok, "seconds": time.perf_counter() - t0,
-                 "cubin_bytes": size, "log": log}
-            )
-    return rows
+    """Compile every (arch, build), on all CPU cores (NVRTC is thread-safe and ctypes releases the GIL); one row
+    per compile (see ``compile_report``)."""
+    jobs = [(str(lib_path), arch, d, small) for arch in ARCHS for d, small in BUILDS]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda job: compile_report(*job), jobs))
+
+
+def row_passed(row: dict) -> bool:
+    """A build passes when it compiles, ptxas reported on both kernels, and neither spills."""
+    return row["ok"] and all("registers" in row["kernels"].get(k, {}) for k in KERNELS) and row["spill_bytes"] == 0
+
+
+def messages(log: str) -> str:
+    """The first line of the log that is not ptxas's resource report (a warning or an error), or ""."""
+    return next((line for line in log.splitlines() if line.strip() and not line.startswith("ptxas")), "")
 
 
 def nvcc_resource_report(arch: str = "sm_90") -> list[dict]:
@@ -115,19 +161,16 @@ def nvcc_resource_report(arch: str = "sm_90") -> list[dict]:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc failed for HEAD_DIM={head_dim}:\n{proc.stderr}")
-            kernel = None
-            for line in proc.stderr.splitlines():
-                if m := re.search(r"Compiling entry function '(\w+)'", line):
-                    kernel = {"head_dim": head_dim, "kernel": m.group(1)}
-                    rows.append(kernel)
-                elif kernel is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                                            r"(\d+) bytes spill loads", line)):
-                    kernel.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-                elif kernel is not None and (m := re.search(r"Used (\d+) registers", line)):
-                    kernel["registers"] = int(m.group(1))
-                    if s := re.search(r"(\d+) bytes smem", line):
-                        kernel["static_smem"] = int(s.group(1))
+            for kernel, resources in parse_ptxas_report(proc.stderr).items():
+                rows.append({"head_dim": head_dim, "kernel": kernel, **resources})
     return rows
+
+
+def _resources(row: dict, kernel: str) -> str:
+    r = row["kernels"].get(kernel)
+    if not r or "registers" not in r:
+        return "-"
+    return f"{r['registers']} / {r.get('spill_stores', 0) + r.get('spill_loads', 0)} B"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,15 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"NVRTC {NVRTC(lib).version()} from {lib}")
     print(f"source {SOURCE_PATH}")
-    print(f"{'arch':6} {'head_dim':>8} {'result':>7} {'seconds':>8} {'cubin bytes':>12}  messages")
+    options = f"{' '.join(COMPILE_OPTIONS)} -DHEAD_DIM=<D> [-DSMALL_TILES=1] -ftz=true -arch=<arch> {PTXAS_VERBOSE}"
+    print(f"options {options}")
+    print(f"{'arch':6} {'D':>4} {'tiles':7} {'result':>6} {'seconds':>8} {'cubin B':>8}  "
+          f"{'fwd regs / spill':>17} {'bwd regs / spill':>17}  messages")
     rows = run_nvrtc_checks(lib)
     for r in rows:
-        first = r["log"].splitlines()[0] if r["log"] else ""
-        print(f"{r['arch']:6} {r['head_dim']:>8} {'ok' if r['ok'] else 'FAIL':>7} {r['seconds']:>8.2f} "
-              f"{r['cubin_bytes']:>12}  {first}")
+        result = "ok" if row_passed(r) else ("SPILL" if r["ok"] else "FAIL")
+        print(f"{r['arch']:6} {r['head_dim']:>4} {'small' if r['small_tiles'] else 'default':7} {result:>6} "
+              f"{r['seconds']:>8.2f} {r['cubin_bytes']:>8}  {_resources(r, 'glm_attn_fwd'):>17} "
+              f"{_resources(r, 'glm_attn_bwd'):>17}  {messages(r['log'])}")
     for r in rows:
-        if not r["ok"]:
-            print(f"\n--- {r['arch']} HEAD_DIM={r['head_dim']} log ---\n{r['log']}", file=sys.stderr)
+        if not row_passed(r):
+            print(f"\n--- {r['arch']} HEAD_DIM={r['head_dim']} small_tiles={r['small_tiles']} log ---\n{r['log']}",
+                  file=sys.stderr)
 
     if args.resources:
         print(f"\nnvcc -cubin -arch=sm_90 -Xptxas -v {' '.join(COMPILE_OPTIONS)} -DHEAD_DIM=..")
@@ -157,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in nvcc_resource_report():
             print(f"{r['head_dim']:>8} {r['kernel']:14} {r.get('registers', 0):>9} {r.get('spill_stores', 0):>8} "
                   f"{r.get('spill_loads', 0):>8} {r.get('stack', 0):>6}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(row_passed(r) for r in rows) else 1
 
 
 if __name__ == "__main__":
