@@ -29,14 +29,19 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import minglm.functional as F
+from minglm.data.blank import blank_infill
+from minglm.data.samplers import truncated_poisson_pmf
+from minglm.generate import Sampling, fill
 from minglm.masks import glm_mask
 from minglm.tensor import Tensor
+from minglm.tokenizer import CharTokenizer
 
 # --- comparing one answer with its reference -------------------------------------------------------------------
 
@@ -268,8 +273,6 @@ def check_glm_mask(student_fn) -> bool:
 
 def reference_positions(length: int, spans, order) -> tuple[np.ndarray, np.ndarray]:
     """The two position rows of a text of ``length`` tokens with ``spans`` blanked and Part B in ``order``."""
-    from minglm.data.blank import blank_infill
-
     tokens = np.arange(length, dtype=np.int64) + 8  # any ordinary ids: the positions do not depend on them
     sample = blank_infill(tokens, spans, order=order)
     return sample.position_ids, sample.block_position_ids
@@ -312,8 +315,6 @@ def check_mask_budget(student_fn) -> bool:
 
 def reference_mean_span_length(lam: float = 3.0, max_span_len: int = 39) -> float:
     """E[length] of Poisson(lam) truncated to 1..max_span_len: about lam / (1 − e^−lam) = 3.157 for lam = 3."""
-    from minglm.data.samplers import truncated_poisson_pmf
-
     pmf = truncated_poisson_pmf(lam, max_span_len)
     return float((np.arange(1, max_span_len + 1) * pmf).sum())
 
@@ -353,11 +354,6 @@ class _ScriptedDecoder:
 def reference_decode_positions(context_len: int, mask_positions, fill_lengths) -> tuple[np.ndarray, np.ndarray]:
     """The two position rows of everything the model sees while ``generate.fill`` fills the blanks at
     ``mask_positions`` (context indices, ascending) with ``fill_lengths`` tokens each (GLM-REFERENCE §6)."""
-    import types
-
-    from minglm.generate import Sampling, fill
-    from minglm.tokenizer import CharTokenizer
-
     if len(mask_positions) != len(fill_lengths) or not 0 < min(mask_positions) <= max(mask_positions) < context_len - 1:
         raise ValueError(f"reference_decode_positions: bad layout {context_len}, {mask_positions}, {fill_lengths}")
     tok = CharTokenizer.from_texts(["a"])

@@ -18,11 +18,10 @@ Reference: GLM-REFERENCE.md §3 (the mask of ``scaled_dot_product_attention``), 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-from minglm import parallel
+from minglm import kernels, parallel
 from minglm.backend import get_xp, is_cupy, scatter_add_rows, to_device
 from minglm.masks import glm_mask
 from minglm.tensor import Function, Tensor
@@ -715,54 +714,42 @@ class FlashAttention(Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sep, scale):
-        from minglm import kernels
-
         o, lse = kernels.flash_attention_forward(q, k, v, sep, scale)
         ctx.saved = (q, k, v, o, lse, sep, scale)
         return o
 
     @staticmethod
     def backward(ctx, grad):
-        from minglm import kernels
-
         q, k, v, o, lse, sep, scale = ctx.saved
         dq, dk, dv = kernels.flash_attention_backward(q, k, v, o, lse, grad, sep, scale)
         return dq, dk, dv, None, None
 
 
-def attention_impl() -> str:
-    """Which attention path to use: MINGLM_ATTENTION=auto (default) | plain | flash."""
-    impl = os.environ.get("MINGLM_ATTENTION", "auto").strip().lower() or "auto"
-    if impl not in ("auto", "plain", "flash"):
-        raise ValueError(f"MINGLM_ATTENTION must be auto, plain or flash, got {impl!r}")
-    return impl
+ATTENTION_IMPLS = ("auto", "plain", "flash")
 
 
 def _use_flash(q, Tq: int, Tk: int, has_mask: bool, dropout_p: float, impl: str) -> bool:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"scaled_dot_product_attention: impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                         f"got {impl!r}")
     if impl == "plain" or has_mask or dropout_p > 0.0 or Tq != Tk:
         return False
     if impl == "flash":
         return True
-    try:
-        from minglm import kernels
-    except ImportError:  # pragma: no cover - the kernels package ships with minglm
-        return False
-    if is_cupy(q):
-        return True
-    return Tq >= getattr(kernels, "TWIN_MIN_T", 1 << 30)
+    return is_cupy(q) or Tq >= kernels.TWIN_MIN_T  # auto: the kernel on a GPU, the twin for long CPU sequences
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask=None, scale: float | None = None,
                                  dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                                 impl: str | None = None, softmax_coeff: float | None = None) -> Tensor:
+                                 impl: str = "auto", softmax_coeff: float | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v over (B, H, T, D) tensors, with GLM's mask when ``sep`` (B,) is given.
 
     - ``sep``: key j is visible to query i when j < sep[b] or j <= i (GLM-REFERENCE §3). When q is shorter than k,
       the queries are the last positions (decoding with a cache).
     - ``mask``: an explicit boolean mask broadcastable to (B, H, Tq, Tk), True = may attend (combined with sep).
     - ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities (needs ``rng``).
-    - ``impl``: "plain" forces the reference path; "flash" the tiled kernel/twin; default MINGLM_ATTENTION or auto
-      (the kernel on CuPy, the twin on CPU for long sequences, see ``kernels.TWIN_MIN_T``).
+    - ``impl``: "plain" forces the reference path; "flash" the tiled kernel/twin; "auto" the kernel on CuPy and the
+      twin on the CPU for long sequences (``kernels.TWIN_MIN_T``). A model passes its ``GLMConfig.attention``.
     - ``softmax_coeff``: GLM-130B's FP32 softmax with this per-layer coefficient c (``FP32SoftmaxAttention``; the
       plain path only).
     """
@@ -783,7 +770,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
             raise ValueError(f"scaled_dot_product_attention: sep has {sep.shape[0]} entries for a batch of {B}")
         if sep.shape[0] == 1 and B > 1:
             sep = xp.broadcast_to(sep, (B,))
-    flash = _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl or attention_impl())
+    flash = _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl)
     if flash and sep is not None and softmax_coeff is None:
         return FlashAttention.apply(q, k, v, sep, scale)
     allowed = None

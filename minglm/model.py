@@ -64,8 +64,13 @@ class GLMConfig:
     ffn: str = "gelu"  # gelu (tanh-GeLU, 4C) | geglu (GLM-130B: exact-erf GeLU gate, (8/3)C)
     embedding_grad_scale: float = 1.0  # EGS α: 1 = off; GLM-130B used 0.1
     softmax_scaling: bool = False  # GLM-130B's FP32 softmax with q/(√hs·c), c = layer + 1: same maths in float32
+    # How attention runs, not what it computes: auto = the fused kernel on a GPU, its NumPy twin on the CPU from
+    # kernels.TWIN_MIN_T tokens on, else the plain path; plain | flash force one. The train command takes its default
+    # from MINGLM_ATTENTION, once; nothing reads the environment while the model runs.
+    attention: str = "auto"
 
-    SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu")}
+    SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu"),
+                "attention": F.ATTENTION_IMPLS}
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len"):
@@ -151,8 +156,9 @@ class GLMConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
-        """A JSON-safe dict of every field, except GLM-130B's switches while they hold their GLM-1 defaults: so the
-        config of a GLM-1 model, and every checkpoint that stores it, reads as it did before the switches existed."""
+        """A JSON-safe dict of every field, except the switches (GLM-130B's, and the attention path) while they hold
+        their defaults: so the config of a GLM-1 model, and every checkpoint that stores it, reads as it did before
+        the switches existed."""
         defaults = {f.name: f.default for f in fields(self) if f.name in _SWITCH_FIELDS}
         out = {}
         for k, v in asdict(self).items():
@@ -171,7 +177,7 @@ class GLMConfig:
         return cls(**d)
 
 
-_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling")
+_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "attention")
 
 
 # --- the transformer ------------------------------------------------------------------------------------------------
@@ -185,6 +191,7 @@ class SelfAttention(Module):
         C, std = config.d_model, config.init_std
         self.n_head, self.attn_dropout = config.n_head, config.attn_dropout
         self.softmax_scaling = bool(config.softmax_scaling)
+        self.attention_impl = config.attention  # auto | plain | flash, passed down to every call
         if config.norm == "deepnorm":
             # DeepNorm's init (GLM-130B §2.1): Xavier normal, std = gain·√(2 / (fan_in + fan_out)), each of q, k, v
             # and the output projection a C×C matrix; gain 1 on q and k, β = (2N)^-½ on v and the output.
@@ -217,7 +224,8 @@ class SelfAttention(Module):
         keys and values in front."""
         p = self.attn_dropout if self.training else 0.0
         coeff = layer + 1 if self.softmax_scaling else None  # GLM-130B: c = layer + 1
-        return F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng, softmax_coeff=coeff)
+        return F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng, impl=self.attention_impl,
+                                              softmax_coeff=coeff)
 
     def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
                 rng: np.random.Generator | None = None, rotary=None) -> Tensor:

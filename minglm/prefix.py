@@ -42,6 +42,7 @@ class PrefixSelfAttention(SelfAttention):
     def __init__(self, base: SelfAttention, key: np.ndarray, value: np.ndarray):
         Module.__init__(self)  # not SelfAttention.__init__: the weights are the base layer's, not new ones
         self.n_head, self.attn_dropout, self.softmax_scaling = base.n_head, base.attn_dropout, base.softmax_scaling
+        self.attention_impl = base.attention_impl
         self.query_key_value = base.query_key_value
         self.dense = base.dense
         self.dropout = base.dropout
@@ -123,6 +124,7 @@ def remove_prefix(model: GLM) -> None:
             plain = SelfAttention.__new__(SelfAttention)
             Module.__init__(plain)
             plain.n_head, plain.attn_dropout, plain.softmax_scaling = a.n_head, a.attn_dropout, a.softmax_scaling
+            plain.attention_impl = a.attention_impl
             plain.query_key_value, plain.dense, plain.dropout = a.query_key_value, a.dense, a.dropout
             block.attention = plain
     for _, p in model.named_parameters():

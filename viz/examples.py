@@ -14,6 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from minglm.data.blank import blank_infill
+from minglm.data.corpus import load_corpus
+from minglm.data.objectives import make_objective
+from minglm.tokenizer import CLS_ID, EOS_ID, CharTokenizer, load_tokenizer
+
 DEFAULT_TEXT = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
 FIGURE2_LABELS = {8 + k: f"x{k + 1}" for k in range(6)}  # ids 8..13 stand for x1..x6
 
@@ -23,9 +28,6 @@ def figure2_sample(with_cls: bool = False):
 
     with_cls=False: bare tokens x1..x6 (§8.2, sep = 5); True: `[CLS] x1..x6 <eos>` as real data sees it (§8.3).
     """
-    from minglm.data.blank import blank_infill
-    from minglm.tokenizer import CLS_ID, EOS_ID
-
     if with_cls:
         tokens = np.array([CLS_ID, 8, 9, 10, 11, 12, 13, EOS_ID])
         spans = [(3, 4), (5, 7)]
@@ -46,9 +48,6 @@ def sample_from_text(text: str, tokenizer=None, objective: str = "glm-base", see
     tokenizer: a minglm tokenizer, or None (a character tokenizer of the text itself).
     mode: for GLM objectives, force "token" / "sentence" / "document" instead of drawing it.
     """
-    from minglm.data.objectives import make_objective
-    from minglm.tokenizer import CharTokenizer
-
     if not text:
         raise ValueError("sample_from_text: text is empty")
     tokenizer = CharTokenizer.from_texts([text]) if tokenizer is None else tokenizer
@@ -63,8 +62,6 @@ def sample_from_text(text: str, tokenizer=None, objective: str = "glm-base", see
 
 def corpus_excerpt(corpus_name: str = "shakespeare", n_chars: int = 64, seed: int = 0, split: str = "val") -> str:
     """A piece of real text from a corpus: n_chars characters from a line start of a random document."""
-    from minglm.data.corpus import load_corpus
-
     corpus = load_corpus(corpus_name, seed=0)
     docs = corpus.val if split == "val" and corpus.val else corpus.train
     rng = np.random.default_rng(seed)
@@ -83,8 +80,6 @@ def run_config(run_dir) -> dict:
 
 def run_sample(run_dir, seed: int = 0, n_chars: int = 48, text: str | None = None, mode: str | None = None):
     """(Batch of one row, tokenizer) built like the run's training data: its tokenizer, corpus and objective."""
-    from minglm.tokenizer import load_tokenizer
-
     run_dir = Path(run_dir)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.exists():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.patches import FancyBboxPatch
 
+from minglm.tokenizer import EOP_ID
 from viz.positions import _row_sample
 from viz.style import (
     PART_A_COLOR,
@@ -34,7 +35,7 @@ BASELINE_OBJECTIVES = ("bert", "gpt", "prefix", "t5")  # Batch.objective of the 
 def reconstruct(sample, i: int = 0, eop_id: int | None = None):
     """Rebuild (original ids, text rank of the span each token is in or -1) from a built sample or Batch row i."""
     if eop_id is None:
-        from minglm.tokenizer import EOP_ID as eop_id
+        eop_id = EOP_ID
     s = _row_sample(sample, i)
     starts, ends, rank = span_pieces(s.tokens, s.position_ids, s.block_position_ids, s.sep)
     pieces = zip(starts.tolist(), ends.tolist(), rank.tolist())

@@ -19,7 +19,9 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
+from minglm.data.blank import blank_infill
 from minglm.masks import glm_mask
+from viz.examples import sample_from_text
 from viz.style import (
     GRID_COLOR,
     MASKED_COLOR,
@@ -158,8 +160,6 @@ def _example_layouts(tokens, spans, order, tokenizer, prefix_len):
     Built from the data module's `blank_infill` for GLM (the exact official tensors) and from the sep rule
     (tril + columns < sep) for the others: BERT is sep = T (all visible), GPT sep = 0, prefix LM sep = prefix.
     """
-    from minglm.data.blank import blank_infill
-
     tokens = np.asarray(tokens, dtype=np.int64)
     L = len(tokens)
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
@@ -215,8 +215,6 @@ OBJECTIVE_TITLES = {"bert": "BERT (masked LM)", "gpt": "GPT (causal LM)", "prefi
 def _data_layouts(text: str, tokenizer, seed: int):
     """The same five objectives built by the data module (`make_objective(name).make_batch`) from one text:
     exactly the tensors the trainer would feed, including their random choices (seeded)."""
-    from viz.examples import sample_from_text
-
     out = []
     for name, title in OBJECTIVE_TITLES.items():
         batch, tok = sample_from_text(text, tokenizer, objective=name, seed=seed)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import types
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import Normalize, to_rgba
 
+from minglm.data.blank import paper_view
 from viz.style import (
     PART_A_COLOR,
     SEP_COLOR,
@@ -45,8 +47,6 @@ def _view(sample, i: int, convention: str, tokenizer):
         return s
     if convention != "paper":
         raise ValueError(f"plot_positions: convention must be 'code' or 'paper', got {convention!r}")
-    from minglm.data.blank import paper_view
-
     vocab = tokenizer if tokenizer is not None and hasattr(tokenizer, "cls_id") else None
     v = paper_view(s, vocab)
     return types.SimpleNamespace(tokens=v.tokens, targets=v.targets, position_ids=v.position_ids,
@@ -128,8 +128,6 @@ def plot_positions(sample, convention: str = "code", tokenizer=None, i: int = 0,
 
 
 def _cmap():
-    from matplotlib import colormaps
-
     return colormaps[SEQUENTIAL_CMAP]
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from viz.curves import plot_loss_curves
+from viz.examples import run_sample
+from viz.infill import BASELINE_OBJECTIVES, plot_blank_infilling
+from viz.masks import plot_attention_mask
+from viz.positions import plot_positions
+
 
 def save_run_plots(run_dir, seed: int = 0, dpi: int = 100, fmt: str = "png") -> list[Path]:
     """Draw the run's plots into `<run_dir>/plots/`; returns the files written."""
-    from viz.curves import plot_loss_curves
-    from viz.examples import run_sample
-    from viz.infill import BASELINE_OBJECTIVES, plot_blank_infilling
-    from viz.masks import plot_attention_mask
-    from viz.positions import plot_positions
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"save_run_plots: {run_dir} is not a folder")

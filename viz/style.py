@@ -19,7 +19,11 @@ import re
 import warnings
 
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+
+from minglm.tokenizer import SPECIAL_TOKENS
 
 # Okabe-Ito colours by name.
 OKABE_ITO = {
@@ -81,8 +85,6 @@ def has_cjk(labels) -> bool:
 @functools.cache
 def cjk_font_name() -> str | None:
     """The name of an installed font with CJK glyphs, or None (looked up once)."""
-    from matplotlib import font_manager
-
     def known() -> str | None:
         installed = {f.name for f in font_manager.fontManager.ttflist}
         return next((name for name in _CJK_FONT_NAMES if name in installed), None)
@@ -125,10 +127,6 @@ def _warn_no_cjk_font() -> None:
 
 
 def _special_names() -> list[str]:
-    try:
-        from minglm.tokenizer import SPECIAL_TOKENS
-    except ImportError:  # the tokenizer module is optional for the pure-array plots
-        SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[UNK]"]
     return list(SPECIAL_TOKENS)
 
 
@@ -245,7 +243,5 @@ def as_row(sample_or_batch, i: int = 0):
 
 def text_color_on(facecolor) -> str:
     """Black or white, whichever reads better on `facecolor` (by relative luminance)."""
-    from matplotlib.colors import to_rgb
-
     r, g, b = to_rgb(facecolor)
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"

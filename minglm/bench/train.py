@@ -34,7 +34,9 @@ from collections import defaultdict
 import numpy as np
 
 import minglm.functional as F
+from minglm import parallel
 from minglm.model import GLM, GLMConfig
+from minglm.optim import AdamW
 from minglm.tensor import Function
 
 CONFIGS = {"tiny": dict(batch=8), "small": dict(batch=8)}
@@ -68,24 +70,15 @@ class MinglmStep:
         self.model = GLM(cfg, np.random.default_rng(seed))
         self.batch = batch
         self.weights = self.model.state_dict()  # before the optimizer changes them, for the torch twin
-        try:
-            from minglm.optim import AdamW
-
-            self.opt = AdamW(self.model, lr=1e-4)
-        except ImportError:  # pragma: no cover - optim is written by another part of the project
-            self.opt = None
+        self.opt = AdamW(self.model, lr=1e-4)
 
     def __call__(self) -> float:
         b = self.batch
-        if self.opt is not None:
-            self.opt.zero_grad()
-        else:
-            self.model.zero_grad()
+        self.opt.zero_grad()
         logits = self.model(b["tokens"], b["position_ids"], b["block_position_ids"], b["sep"])
         loss = F.cross_entropy(logits, b["targets"], b["loss_mask"])
         loss.backward()
-        if self.opt is not None:
-            self.opt.step()
+        self.opt.step()
         return loss.item()
 
 
@@ -282,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("(torch is not importable: minglm only)")
             use_torch = False
-
-    from minglm import parallel
 
     print(f"BLAS threads: {_blas_threads()}; minglm threads: {parallel.num_threads()}")
     header = (f"{'config':7} {'params':>9} {'B×T':>8} {'GFLOP':>6} {'ms/step':>8} {'CPU ms':>8} {'tok/s':>8} "

@@ -243,6 +243,8 @@ def _run(args, t_main: float) -> int:
     else:
         preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
         apply_overrides(model_dict, train_dict, args.set, model_fields)
+        if os.environ.get("MINGLM_ATTENTION") and "attention" not in model_dict:  # the one place it is read
+            model_dict["attention"] = os.environ["MINGLM_ATTENTION"].strip().lower()
     train_dict.update({k: v for k, v in flags.items() if v is not None})
     cfg = make_train_config(train_dict)
     verbose = not args.quiet
