@@ -41,11 +41,7 @@ class PrefixSelfAttention(SelfAttention):
 
     def __init__(self, base: SelfAttention, key: np.ndarray, value: np.ndarray):
         Module.__init__(self)  # not SelfAttention.__init__: the weights are the base layer's, not new ones
-        self.n_head, self.attn_dropout, self.softmax_scaling = base.n_head, base.attn_dropout, base.softmax_scaling
-        self.attention_impl = base.attention_impl
-        self.query_key_value = base.query_key_value
-        self.dense = base.dense
-        self.dropout = base.dropout
+        _take_over(base, self)
         self.prefix_key = Parameter(key)  # (nh, P, hs)
         self.prefix_value = Parameter(value)  # (nh, P, hs)
 
@@ -71,6 +67,13 @@ class PrefixSelfAttention(SelfAttention):
 
     def extra_repr(self) -> str:
         return f"prefix={self.length}"
+
+
+def _take_over(src: SelfAttention, dst: SelfAttention) -> None:
+    """Give ``dst`` every setting (n_head, softmax_scaling, training, ...) and layer of ``src``, shared, not copied."""
+    for name, value in vars(src).items():
+        if not name.startswith(("_", "prefix_")):
+            setattr(dst, name, value)
 
 
 def prefix_layers(model: Module) -> dict[str, PrefixSelfAttention]:
@@ -123,9 +126,7 @@ def remove_prefix(model: GLM) -> None:
         if isinstance(a, PrefixSelfAttention):
             plain = SelfAttention.__new__(SelfAttention)
             Module.__init__(plain)
-            plain.n_head, plain.attn_dropout, plain.softmax_scaling = a.n_head, a.attn_dropout, a.softmax_scaling
-            plain.attention_impl = a.attention_impl
-            plain.query_key_value, plain.dense, plain.dropout = a.query_key_value, a.dense, a.dropout
+            _take_over(a, plain)
             block.attention = plain
     for _, p in model.named_parameters():
         p.requires_grad = True
