@@ -164,7 +164,7 @@ print(len(framed), "tokens:", framed.tolist())
 # %% [markdown]
 # ### How much to blank, and in how many spans
 #
-# The token-level objective (GLM-REFERENCE §2.2) draws span lengths from a **Poisson(3)** distribution without 0
+# The token-level objective (docs/official-code.md §2.2) draws span lengths from a **Poisson(3)** distribution without 0
 # (lengths 1..39), and keeps drawing until the spans cover **at least 15 %** of the sample, counting `[CLS]` and
 # `<eos>`: `int(0.15 * len)` tokens. The last span may overshoot. Spans never touch, never cross `<eos>`, and never
 # cover the last token.

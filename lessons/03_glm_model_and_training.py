@@ -15,7 +15,7 @@
 # row. This lesson follows one batch through the model in `minglm/model.py`, checking every shape on the way,
 # and then trains a small GLM on a slice of Shakespeare and watches the loss fall.
 #
-# The architecture (GLM-REFERENCE §4) is a GPT-2-style transformer with three GLM touches:
+# The architecture (`docs/official-code.md` §3) is a GPT-2-style transformer with three GLM touches:
 #
 # - the input is **word + position + block-position** embedding (two learned position tables);
 # - attention uses the **`sep` mask**: bidirectional over Part A, causal over Part B;

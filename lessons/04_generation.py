@@ -12,7 +12,8 @@
 # # Lesson 4 — Filling blanks: generation step by step
 #
 # A trained GLM fills a blank the way it was trained to: the text with its blanks is Part A, and each fill is a
-# Part-B span written one token at a time. `minglm/generate.py` does it in four moves (GLM-REFERENCE §6):
+# Part-B span written one token at a time. `minglm/generate.py` does it in four moves, after the official
+# `generate_samples.py` (`docs/decoding.md` in the repository):
 #
 # 1. the **context** is `[CLS] text <eos>`, with `[MASK]` where a blank is;
 # 2. the context is **encoded once** with `sep = len(context)`: every context token sees every other, and the

@@ -13,7 +13,8 @@ torn npz is caught by the SHA-256. ``load_checkpoint`` checks the hash, the arra
 (when asked) the config and vocabulary *before* returning anything, so a caller never half-loads a model.
 
 A model and its tokenizer are loaded from a run folder by ``minglm.runs.load_run``, built on ``load_checkpoint``.
-Left out: sharded checkpoints, safetensors, async saving and cloud storage. Reference: TOOLING.md (checkpoints).
+Left out: sharded checkpoints, safetensors, async saving and cloud storage. Reference: NumPy's
+``np.savez`` and ``np.load(allow_pickle=False)``, POSIX ``rename`` (atomic within one file system).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ near 2.5 for the first thousand steps, because Part-B tokens must learn to find 
 learned position tables, and only a sixth of the tokens carry a loss. Progress followed the number of steps more
 than their size, so the default takes many small steps (8 windows of 64), and blanks half of each window
 (``mask_ratio=0.5``): 4000 such steps reached 1.82. ``--set mask_ratio=0.15`` gives GLM's exact objective.
-Reference: GLM-REFERENCE.md §5 for the optimiser settings.
+Reference: docs/official-code.md §4 for the optimiser settings.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TrainConfig:
     batch_size: int = 8  # windows per micro-batch. On 2 cores, progress went with the number of steps much more
     # than with their size: 8 windows of 64 beat 16 of 128 at equal time by a wide margin
     grad_accum: int = 1  # micro-batches per optimizer step; each loss is scaled by 1/grad_accum
-    # optimisation (GLM-REFERENCE.md §5: AdamW, betas of GLM-10B, decay 0.1, clip 1.0, warmup then cosine)
+    # optimisation (docs/official-code.md §4: AdamW, betas of GLM-10B, decay 0.1, clip 1.0, warmup then cosine)
     steps: int = 3600  # optimizer steps: 3-4 minutes on 2 cores (0.053-0.066 s a step measured, with its batch)
     lr: float = 2e-3  # peak; a tiny model takes a larger lr than GLM's 1e-4..2e-4 (5e-3 and 1e-2 were worse)
     warmup: int = 100  # linear warmup steps (if >= steps, the lr never reaches its peak)
@@ -116,7 +116,7 @@ class TrainConfig:
         return asdict(self)
 
 
-# Training presets that go with GLMConfig.PRESETS. tiny: the CPU main job; small: PERFORMANCE.md's benchmark
+# Training presets that go with GLMConfig.PRESETS. tiny: the CPU main job; small: docs/performance.md's benchmark
 # config (about 0.4 s a step on 2 cores, so runs are longer); base: a GPU.
 TRAIN_PRESETS = {
     "tiny": dict(time_limit=270.0),

@@ -19,9 +19,9 @@ they pass and that typical wrong answers fail.
 Teachers: ``python -m minglm.exercises path/to/answers.py`` runs every checker whose function the file defines.
 
 What this leaves out: grading, hints beyond the first mismatch, and exercises on parts of the library that the
-lessons do not teach. References: GLM-REFERENCE.md §2.2 (the 15 % budget, the span lengths), §2.5 (positions),
-§3 (the mask), §5 (the loss), §6 (positions while decoding); the online softmax of lesson 5 is the recurrence in
-minglm/kernels/twin.py.
+lessons do not teach. References: docs/official-code.md §2.2 (the 15 % budget, the span lengths), §2.5 (positions)
+and §4 (the loss), docs/mask.md, docs/decoding.md (positions while decoding); the online softmax of lesson 5 is
+the recurrence in minglm/kernels/twin.py.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def check_layernorm_backward(student_fn, seed: int = 0, eps: float = 1e-5) -> bo
 
 
 def check_cross_entropy_backward(student_fn, seed: int = 0) -> bool:
-    """Exercise: GLM's loss = Σ m·(−log softmax(z)[t]) / Σ m over every token of the batch (GLM-REFERENCE §5).
+    """Exercise: GLM's loss = Σ m·(−log softmax(z)[t]) / Σ m over every token of the batch (docs/official-code.md §4).
 
     ``student_fn(logits (B, T, V), targets (B, T) int, loss_mask (B, T)) -> dlogits (B, T, V)``.
     """
@@ -253,7 +253,7 @@ def check_cross_entropy_backward(student_fn, seed: int = 0) -> bool:
 
 
 def reference_glm_mask(T: int, sep: int) -> np.ndarray:
-    """(T, T) bool, True = query row i may attend to key column j: j < sep or j <= i (GLM-REFERENCE §3)."""
+    """(T, T) bool, True = query row i may attend to key column j: j < sep or j <= i (docs/mask.md)."""
     return glm_mask(np, sep, T)[0, 0]
 
 
@@ -279,15 +279,15 @@ def reference_positions(length: int, spans, order) -> tuple[np.ndarray, np.ndarr
 
 
 POSITION_CASES = [
-    (6, [(2, 3), (4, 6)], [1, 0]),  # Figure 2 without [CLS] (GLM-REFERENCE §8.2)
-    (8, [(3, 4), (5, 7)], [1, 0]),  # the same with [CLS] ... <eos> (§8.3)
+    (6, [(2, 3), (4, 6)], [1, 0]),  # Figure 2 without [CLS] (docs/figure2.md §2)
+    (8, [(3, 4), (5, 7)], [1, 0]),  # the same with [CLS] ... <eos> (docs/figure2.md §3)
     (12, [(1, 3), (4, 5), (7, 11)], [2, 0, 1]),
     (9, [(0, 4)], [0]),
 ]
 
 
 def check_positions(student_fn) -> bool:
-    """Exercise: the 2D positions of a blank-infilling sample, official 0-based convention (GLM-REFERENCE §2.5).
+    """Exercise: the 2D positions of a blank-infilling sample, official 0-based convention (docs/official-code.md §2.5).
 
     ``student_fn(length, spans, order) -> (position_ids, block_position_ids)``: ``length`` tokens, half-open
     ``spans`` (start, end) in text order, and ``order``, the Part-B order as indices into ``spans``.
@@ -298,7 +298,8 @@ def check_positions(student_fn) -> bool:
 
 
 def reference_mask_budget(length: int, ratio: float = 0.15) -> int:
-    """Tokens the token-level objective blanks at least: int(0.15 · len), len counting [CLS] and <eos> (§2.2)."""
+    """Tokens the token-level objective blanks at least: int(0.15 · len), len counting [CLS] and <eos>
+    (docs/official-code.md §2.2)."""
     return int(ratio * length)
 
 
@@ -353,7 +354,7 @@ class _ScriptedDecoder:
 
 def reference_decode_positions(context_len: int, mask_positions, fill_lengths) -> tuple[np.ndarray, np.ndarray]:
     """The two position rows of everything the model sees while ``generate.fill`` fills the blanks at
-    ``mask_positions`` (context indices, ascending) with ``fill_lengths`` tokens each (GLM-REFERENCE §6)."""
+    ``mask_positions`` (context indices, ascending) with ``fill_lengths`` tokens each (docs/decoding.md)."""
     if len(mask_positions) != len(fill_lengths) or not 0 < min(mask_positions) <= max(mask_positions) < context_len - 1:
         raise ValueError(f"reference_decode_positions: bad layout {context_len}, {mask_positions}, {fill_lengths}")
     tok = CharTokenizer.from_texts(["a"])

@@ -1,4 +1,5 @@
-"""Fine-tuning GLM as a cloze task (PET-style), with full fine-tuning, LoRA or prefix tuning: GLM-REFERENCE.md §7.
+"""Fine-tuning GLM as a cloze task (PET-style), with full fine-tuning, LoRA or prefix tuning: docs/official-code.md §5
+(the paper's §3.1).
 
 A classification example becomes a blank to fill. A *pattern* wraps the input around one ``[MASK]`` and each label
 has a *verbaliser*, the word that should fill the blank:
@@ -6,7 +7,7 @@ has a *verbaliser*, the word that should fill the blank:
     "{text}\\nThis play is a [MASK]."      comedy / tragedy / history
 
 The input is the context ``[CLS] pattern <eos>`` (sep = its length, all bidirectional), then Part B at the mask's
-position, exactly as in pretraining (§7, the official ``build_input_from_ids``):
+position, exactly as in pretraining (the official ``build_input_from_ids``):
 
 - **single-token verbalisers**: feed ``<sop>`` at (mask_pos, 1) and read the logits at that index (= sep). The logits
   of the verbaliser ids, one per label, are the class scores.
@@ -116,7 +117,8 @@ def encode_example(tokenizer, task: ClozeTask, text: str, max_len: int) -> Encod
 
 @dataclass
 class CandidateBatch:
-    """Every (example, candidate) pair as one row: ``context <sop> a₁ … a_k``, right-padded (GLM-REFERENCE §7)."""
+    """Every (example, candidate) pair as one row: ``context <sop> a₁ … a_k``, right-padded
+    (docs/official-code.md §5)."""
 
     tokens: np.ndarray  # (R, T), R = examples × candidates
     position_ids: np.ndarray  # (R, T)
@@ -179,8 +181,8 @@ def multi_token_scores(model, batch: CandidateBatch, length_penalty: float = 0.0
 
 def single_token_scores(model, examples: list[EncodedExample], verbalizer_ids: list[int], sop_id: int,
                         rng: np.random.Generator | None = None) -> Tensor:
-    """The logits at ``<sop>`` (index = sep) of the verbaliser ids: a Tensor (n_examples, n_candidates) (§7; no
-    log-softmax, as the official default)."""
+    """The logits at ``<sop>`` (index = sep) of the verbaliser ids: a Tensor (n_examples, n_candidates)
+    (docs/official-code.md §5; no log-softmax, as the official default)."""
     B = len(examples)
     T = max(len(e.context) for e in examples) + 1
     tokens = np.zeros((B, T), dtype=np.int64)

@@ -12,7 +12,8 @@ The op behind a layer of ``minglm.nn`` is named ``<Layer>Op`` (``LinearOp``, ``L
 runs at inference (``gelu_tanh_into``, ``layer_norm_rows``, ``softmax_array``, ``rope_array``, ``geglu_array``) is
 also callable on plain arrays: each layer's ``infer`` uses the same function as its op's ``forward``.
 
-Reference: GLM-REFERENCE.md §3 (the mask of ``scaled_dot_product_attention``), §4 (tanh GeLU), §5 (the loss).
+Reference: docs/mask.md (the mask of ``scaled_dot_product_attention``), docs/official-code.md §3 (tanh GeLU) and
+§4 (the loss).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def _erf(x):
 
 
 def gelu_tanh_into(x, x2, t, out) -> None:
-    """GLM's GeLU (§4) of the array x, written into out: 0.5·x·(1 + tanh(u)), u = c·(x + 0.044715·x³), c = √(2/π).
+    """GLM's GeLU (docs/official-code.md §3) of the array x, written into out: 0.5·x·(1 + tanh(u)),
+    u = c·(x + 0.044715·x³), c = √(2/π).
 
     x2 = x² and t = tanh(u) are left in their buffers for the backward. The one place the formula is written: the
     ``GeLUTanh`` op runs it on pieces of a large array, ``gelu_tanh_array`` (inference) on a whole small one.
@@ -151,7 +153,7 @@ def gelu_tanh_array(x):
 
 
 class GeLUTanh(Function):
-    """GLM's GeLU (§4), ``gelu_tanh_into`` with its derivative
+    """GLM's GeLU (docs/official-code.md §3), ``gelu_tanh_into`` with its derivative
     d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
     Both directions work on the flat array in cache-sized pieces, spread over the CPU cores (``minglm.parallel``).
     """
@@ -301,8 +303,9 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 class CrossEntropy(Function):
     """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...), fused with the softmax.
 
-    loss = Σ_n m_n (lse_n − z_n[t_n]) / Σ_n m_n, with m the optional mask (GLM §5: the sum over every Part-B target
-    in the batch divided by their count, not a per-sample mean). Backward: dz_n = (softmax(z_n) − onehot(t_n))·m_n/Σm.
+    loss = Σ_n m_n (lse_n − z_n[t_n]) / Σ_n m_n, with m the optional mask (docs/official-code.md §4: the sum over
+    every Part-B target in the batch divided by their count, not a per-sample mean).
+    Backward: dz_n = (softmax(z_n) − onehot(t_n))·m_n/Σm.
     The softmax is computed once and reused, and the max is subtracted, so ±1000 logits give no NaN.
     """
 
@@ -744,7 +747,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
                                  impl: str = "auto", softmax_coeff: float | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v over (B, H, T, D) tensors, with GLM's mask when ``sep`` (B,) is given.
 
-    - ``sep``: key j is visible to query i when j < sep[b] or j <= i (GLM-REFERENCE §3). When q is shorter than k,
+    - ``sep``: key j is visible to query i when j < sep[b] or j <= i (docs/mask.md). When q is shorter than k,
       the queries are the last positions (decoding with a cache).
     - ``mask``: an explicit boolean mask broadcastable to (B, H, Tq, Tk), True = may attend (combined with sep).
     - ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops attention probabilities (needs ``rng``).
@@ -809,7 +812,7 @@ def geglu_array(u):
 
 
 class GeGLU(Function):
-    """GLM-130B's gated FFN activation (§2.1): split u (..., 2F) into halves [a | b] and return a ⊙ GeLU(b).
+    """GLM-130B's gated FFN activation (GLM-130B §2.1): split u (..., 2F) into halves [a | b] and return a ⊙ GeLU(b).
 
     The *second* half is the gate and the GeLU is the exact erf one, as in SAT's ``glm130B_model.py`` (``GEGLU``:
     ``x1, x2 = x.chunk(2); x1 * F.gelu(x2)``). With Φ the normal CDF and φ its density:
@@ -910,7 +913,7 @@ def rope(x: Tensor, cos, sin, groups: int = 1) -> Tensor:
 
 
 class GradScale(Function):
-    """Identity forward, gradient times ``alpha`` backward: GLM-130B's embedding gradient shrink (EGS, §3).
+    """Identity forward, gradient times ``alpha`` backward: GLM-130B's embedding gradient shrink (EGS, GLM-130B §3).
 
     The paper writes it ``word_embedding = word_embedding * alpha + word_embedding.detach() * (1 - alpha)``; the
     value is unchanged and only alpha of the gradient flows back. On purpose this is *not* the derivative of the
@@ -932,7 +935,7 @@ def grad_scale(x: Tensor, alpha: float) -> Tensor:
 
 
 class FP32SoftmaxAttention(Function):
-    """GLM-130B's attention scores (§3, "FP32 softmax with QKV scaling"; SAT ``glm130B_model.py``,
+    """GLM-130B's attention scores (GLM-130B §3, "FP32 softmax with QKV scaling"; SAT ``glm130B_model.py``,
     ``SelfAttentionWithFP32SoftmaxMixin.attention_fn``).
 
     q is divided by √D·c with c = layer + 1 *before* q kᵀ, so the scores are computed c times smaller in the

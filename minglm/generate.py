@@ -1,6 +1,6 @@
 """Blank infilling with a trained GLM: encode the context once, then fill each blank token by token from <sop>.
 
-This follows GLM-REFERENCE.md §6 (the official ``generate_samples.py``) step by step:
+This follows the official ``generate_samples.py`` step by step (docs/decoding.md):
 
 1. The context is ``[CLS] text <eos>``. The text may hold ``[MASK]``, ``[sMASK]`` and ``[gMASK]`` blanks; when it has
    none, ``[gMASK]`` is appended, and no ``<eos>`` follows a text that ends with ``[gMASK]``.
@@ -52,7 +52,7 @@ def blank_ids(tokenizer) -> tuple[int, int, int]:
 
 
 def build_context(tokenizer, text: str) -> tuple[np.ndarray, list[int], bool]:
-    """The context ids ``[CLS] text <eos>`` (GLM-REFERENCE §6.1), the blank indices in it, and whether a
+    """The context ids ``[CLS] text <eos>`` (docs/decoding.md, step 1), the blank indices in it, and whether a
     ``[gMASK]`` had to be appended because the text had no blank.
 
     Returns (ids (n,) int64, mask_positions in ascending order, appended_gmask).
@@ -329,7 +329,7 @@ def _splice(text: str, fills: list[str], appended: bool, left: str = "", right: 
 
 def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.random.Generator | None = None,
          decoder: str | Callable = "auto", n_top: int = 5) -> FillResult:
-    """Fill every blank of ``text`` (GLM-REFERENCE §6). ``rng`` is required unless ``sampling.greedy``.
+    """Fill every blank of ``text`` (docs/decoding.md). ``rng`` is required unless ``sampling.greedy``.
 
     ``decoder``: "auto", "fast" or "cached" (see ``make_decoder``), or a callable ``(model, capacity) -> decoder``
     with ``prefill(ids)`` and ``step(token, position_id, block_id) -> logits (V,)`` (tests use one to record).

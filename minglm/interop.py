@@ -1,6 +1,6 @@
 """Weights in and out of minglm under the names the official GLM code and SwissArmyTransformer (SAT) use.
 
-Three layouts of the same tensors (GLM-REFERENCE.md §9.3); only the names differ, every shape is identical:
+Three layouts of the same tensors (docs/parity.md §3); only the names differ, every shape is identical:
 
 minglm name -> official THUDM/GLM name (``checkpoint['module']``) -> SAT 0.4.12 ``GLMModel`` name:
 - ``word_embeddings.weight`` -> ``word_embeddings.weight`` -> ``transformer.word_embeddings.weight``

@@ -8,7 +8,7 @@ A starts small and random, B starts at zero, so the adapted model is exactly the
 first gradients reach B (dL/dB = (alpha/r)·dyᵀ (x Aᵀ), non-zero) and only then A. With rank r a layer trains
 r·(in + out) numbers instead of in·out.
 
-Here the adapters go on the four projections of every block (GLM-REFERENCE.md §4 names): the fused
+Here the adapters go on the four projections of every block (docs/official-code.md §3 names): the fused
 ``query_key_value``, the attention output ``dense`` and both MLP projections ``dense_h_to_4h``/``dense_4h_to_h``.
 Everything else (embeddings, LayerNorms, the base weights) is frozen with ``requires_grad = False``.
 

@@ -3,7 +3,7 @@
 Glossary: B = batch, T = time (sequence length), C = channels (d_model), nh = heads, hs = head size (C // nh),
 V = vocabulary, L = layers, N = B*T (activations are kept as (N, C) so every Linear is one large GEMM).
 
-What makes it GLM rather than GPT (GLM-REFERENCE.md §3, §4, §11):
+What makes it GLM rather than GPT (the paper's §2.2-§2.3; docs/official-code.md §3 and §6; docs/mask.md):
 - the input is word + position + *block-position* embedding: two learned position tables of max_len + 1 rows;
 - attention is bidirectional over Part A (keys j < sep) and causal over Part B, computed from one integer ``sep``
   per sample; no T×T mask is ever stored in a batch;
@@ -131,7 +131,7 @@ class GLMConfig:
         return math.sqrt(2.0 * self.n_layer)
 
     # The presets. tiny trains a readable character-level Shakespeare model in a few minutes on 2 CPU cores;
-    # small is the benchmark config of PERFORMANCE.md; base is for a GPU.
+    # small is the benchmark config of docs/performance.md; base is for a GPU.
     PRESETS = {
         "tiny": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128),
         "small": dict(n_layer=4, n_head=8, d_model=256, max_len=256, seq_len=256),
@@ -276,7 +276,7 @@ class MLP(Module):
         C, Fw, std = config.d_model, config.ffn_size, config.init_std
         self.geglu = config.ffn == "geglu"
         up = 2 * Fw if self.geglu else Fw  # GeGLU's projection holds both halves [a | b]
-        if config.norm == "deepnorm":  # Xavier normal with gain β = (2N)^-½ on both FFN matrices (§2.1)
+        if config.norm == "deepnorm":  # Xavier normal with gain β = (2N)^-½ on both FFN matrices (GLM-130B §2.1)
             beta = 1.0 / config.deepnorm_alpha
             self.dense_h_to_4h = Linear(C, up, rng, std=beta * math.sqrt(2.0 / (C + up)))
             self.dense_4h_to_h = Linear(Fw, C, rng, std=beta * math.sqrt(2.0 / (Fw + C)))
@@ -537,7 +537,8 @@ class KVCache:
 
 
 def glm_loss(model: GLM, batch, rng: np.random.Generator | None = None) -> Tensor:
-    """GLM's loss (§5): cross-entropy summed over every target with loss_mask 1 in the batch, divided by their count."""
+    """GLM's loss (docs/official-code.md §4): cross-entropy summed over every target with loss_mask 1 in the batch,
+    divided by their count."""
     xp = get_xp(model.word_embeddings.weight.data)  # the batch is NumPy; on a GPU rows and targets follow the model
     rows = np.flatnonzero(to_numpy(batch.loss_mask).reshape(-1) > 0)  # (R,) the Part-B targets
     targets = to_numpy(batch.targets).reshape(-1)[rows]  # (R,)

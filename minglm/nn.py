@@ -17,7 +17,7 @@ gradient checks).
 Left out on purpose: buffers, hooks, ``register_*`` helpers, parameter sharing between modules (GLM ties its output
 head by calling ``F.linear`` with the embedding table instead) and lazy shapes.
 
-Reference: GLM-REFERENCE.md §4 (Linear weights stored (out, in) like the official checkpoints, LayerNorm eps 1e-5).
+Reference: docs/official-code.md §3 (Linear weights stored (out, in) like the official checkpoints, LayerNorm eps 1e-5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """AdamW over one flat buffer, the learning-rate schedule, gradient clipping: how minglm updates its weights.
 
-GLM-REFERENCE.md §5: GLM trains with Adam + decoupled weight decay 0.1, gradient clipping at 1.0 and a linear warmup
-followed by a cosine decay. minglm uses GLM-10B's betas (0.9, 0.95) and eps 1e-8 and decays to 10 % of the peak.
+docs/official-code.md §4: GLM trains with Adam + decoupled weight decay 0.1, gradient clipping at 1.0 and a linear
+warmup followed by a cosine decay. minglm uses GLM-10B's betas (0.9, 0.95) and eps 1e-8 and decays to 10 % of the peak.
 
 **One flat buffer.** A model has dozens of parameter tensors. Updating them one by one costs a Python loop and a
 dozen small NumPy calls per tensor. Instead, ``AdamW`` copies every parameter into one contiguous float32 vector and

@@ -1,6 +1,6 @@
 """Tokenizers for minglm: a character tokenizer (the default) and a byte-level BPE trained from scratch.
 
-Both share the same first 8 ids, the special tokens of GLM (GLM-REFERENCE.md §1):
+Both share the same first 8 ids, the special tokens of GLM (docs/official-code.md §1):
 
     [PAD]=0 (also <eos>, as in the official code)  [CLS]=1  [MASK]=2  [sMASK]=3  [gMASK]=4
     <sop>=5  <eop>=6  [UNK]=7
@@ -26,7 +26,7 @@ import numpy as np
 
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[UNK]"]
 PAD_ID, CLS_ID, MASK_ID, SMASK_ID, GMASK_ID, SOP_ID, EOP_ID, UNK_ID = range(8)
-EOS_ID = PAD_ID  # the official code uses the pad id as end of document (GLM-REFERENCE.md §1)
+EOS_ID = PAD_ID  # the official code uses the pad id as end of document (docs/official-code.md §1)
 N_SPECIAL = len(SPECIAL_TOKENS)
 
 # The only specials a user may type inside a text; the others are structural and only the data pipeline adds them.
@@ -205,7 +205,7 @@ class BPETokenizer(_SpecialIds):
 
     Training counts adjacent pairs over the *distinct* pre-tokenised words at once with `np.bincount` on pair codes
     (left * base + right), weighted by how often each word occurs, so each merge is a handful of vectorised passes
-    (GLM-REFERENCE.md does not prescribe a tokenizer; this one is for users who want sub-word units).
+    (GLM's recipe does not depend on the tokenizer; this one is for users who want sub-word units).
     """
 
     def __init__(self, merges: list[tuple[int, int]]):

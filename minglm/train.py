@@ -1,7 +1,7 @@
 """Training GLM: the ``Trainer`` loop, the main job of minglm.
 
 One optimizer step (``Trainer.train_step``): draw ``grad_accum`` micro-batches, run the model, compute GLM's loss
-(mean cross-entropy over the Part-B targets, GLM-REFERENCE.md §5), backpropagate each loss scaled by 1/grad_accum,
+(mean cross-entropy over the Part-B targets, docs/official-code.md §4), backpropagate each loss scaled by 1/grad_accum,
 check the loss (the spike guard below), clip the global gradient norm at 1.0 and take an AdamW step at the
 scheduled learning rate (warmup, then cosine to 10 %). Around it ``Trainer.fit`` evaluates on fixed validation
 batches, writes one JSON line per step to ``log.jsonl``, saves atomic checkpoints and shows a progress bar.

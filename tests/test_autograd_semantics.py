@@ -1,4 +1,5 @@
-"""Known-answer and bad-input tests for minglm's autograd engine and ops (STYLE.md rules 3 and 8).
+"""Known-answer and bad-input tests for minglm's autograd engine and ops: broadcasting, a reused node, an unused
+input, a second backward through a freed graph.
 
 The op table (tests/test_ops_table.py) checks every op against NumPy and finite differences; this file checks the
 *semantics* that a gradient check cannot see: broadcasting's exact gradients, a reused node, an unused input,
@@ -7,7 +8,7 @@ GLM attention mask written out by hand, a graph 5,000 ops deep, float32 staying 
 ``math.erf``, and the errors that bad input must raise (a ValueError naming the op and both shapes).
 
 Left out: model-level tests (tests/test_model.py) and the fused kernel's own tests (tests/test_kernels_twin.py).
-Reference: GLM-REFERENCE.md §3 (mask), §5 (loss).
+Reference: docs/mask.md (mask), docs/official-code.md §4 (loss).
 """
 
 from __future__ import annotations

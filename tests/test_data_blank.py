@@ -1,4 +1,4 @@
-"""Known-answer tests for blank infilling: GLM-REFERENCE.md §8.1-§8.5, printed by the official code."""
+"""Known-answer tests for blank infilling: docs/figure2.md §1-§5, printed by the official code."""
 
 import numpy as np
 import pytest
@@ -147,7 +147,7 @@ def test_smask_example_8_4():
 
 
 def test_mask_matrix_8_5():
-    expected = FIG2_MASK  # tests/known_answers.py, typed from §8.5
+    expected = FIG2_MASK  # tests/known_answers.py, typed from docs/figure2.md §5
     s = blank_infill([x1, x2, x3, x4, x5, x6], [(2, 3), (4, 6)], order=[1, 0])
     np.testing.assert_array_equal(dense_mask(s)[0], expected)
     np.testing.assert_array_equal(dense_mask(5, 10)[0], expected)

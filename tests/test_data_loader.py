@@ -1,4 +1,4 @@
-"""The loader: framing (GLM-REFERENCE.md §1), epochs, resumable state, determinism, every objective's Batch."""
+"""The loader: framing (docs/official-code.md §1), epochs, resumable state, determinism, every objective's Batch."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Property and distribution tests for the span samplers and objectives (GLM-REFERENCE.md §2.2-§2.6)."""
+"""Property and distribution tests for the span samplers and objectives (docs/official-code.md §2.2-§2.6)."""
 
 import math
 

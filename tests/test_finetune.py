@@ -1,4 +1,4 @@
-"""Tests for cloze fine-tuning (minglm/finetune.py, GLM-REFERENCE.md §7)."""
+"""Tests for cloze fine-tuning (minglm/finetune.py, docs/official-code.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for blank-infilling decoding (minglm/generate.py, GLM-REFERENCE.md §6).
+"""Tests for blank-infilling decoding (minglm/generate.py, docs/decoding.md).
 
 The decoding protocol is checked against hand-worked ids with a scripted decoder (it records what is fed and
 answers with chosen tokens); the numbers are checked by replaying every fed token through one full forward of the

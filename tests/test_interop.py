@@ -1,4 +1,4 @@
-"""Parity with SwissArmyTransformer's GLM (a faithful stand-in for the official code, GLM-REFERENCE §9), and the
+"""Parity with SwissArmyTransformer's GLM (a faithful stand-in for the official code, docs/parity.md), and the
 name mappings of minglm/interop.py. The fixture was made by tests/fixtures/make_sat_fixture.py; only NumPy is needed."""
 
 import json
@@ -45,7 +45,8 @@ def test_logits_match_sat(fixture, case):
 
 
 def test_cached_decoding_matches_sat(fixture):
-    """Part A once with sep = 5, then Part B one token at a time with sep = 0 through the KV cache (§6, §11.9)."""
+    """Part A once with sep = 5, then Part B one token at a time with sep = 0 through the KV cache
+    (docs/decoding.md)."""
     model = model_with(fixture, "sat")
     tokens, pos, block, _ = batch(fixture, "fig2")
     cache = KVCache(model, 1, 16)

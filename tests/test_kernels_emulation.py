@@ -5,7 +5,7 @@ shuffled lanes), because a missing barrier only shows when some thread runs ahea
 that the modes are strong enough: it deletes each ``__syncthreads``/``__syncwarp`` in a scratch copy of
 flash_attn.cu and asserts that the emulation then fails. The bounds harness runs both kernels on exact-size
 buffers under AddressSanitizer + UBSan at tile-edge shapes, when g++ supports the sanitizers. Everything here needs
-``g++`` (C++20) and is skipped without it. The mask is GLM-REFERENCE.md §3.
+``g++`` (C++20) and is skipped without it. The mask is docs/mask.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Skipped when CuPy is missing or sees no GPU. Forward and gradients must match the float64 reference within 1e-5
 (relative to the largest reference value) at head sizes 32, 64 and 128 with random sep, and the kernel's memory
-must grow like O(T), not O(T²). GLM-REFERENCE.md §3 gives the mask.
+must grow like O(T), not O(T²). docs/mask.md gives the mask.
 """
 
 from __future__ import annotations

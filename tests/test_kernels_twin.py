@@ -1,4 +1,4 @@
-"""The NumPy twin of the fused attention kernel against plain masked attention (GLM-REFERENCE.md §3).
+"""The NumPy twin of the fused attention kernel against plain masked attention (docs/mask.md).
 
 Forward (o, lse) and backward (dq, dk, dv) must match the dense reference for random shapes, tile sizes and sep,
 including T not a multiple of the tile, sep = 0 and sep = T, and the optional ``lengths``. The twin must never hold
@@ -128,7 +128,7 @@ def test_future_keys_past_sep_do_not_matter():
 
 
 def test_glm_mask_matches_figure_2():
-    """GLM-REFERENCE.md §8.5: 10×10, sep = 5."""
+    """docs/figure2.md §5: 10×10, sep = 5."""
     expected = np.zeros((10, 10), bool)
     expected[:5, :5] = True
     for r in range(5, 10):

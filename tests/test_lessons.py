@@ -3,7 +3,8 @@
 Each lesson source (lessons/NN_*.py, jupytext percent format) is read with jupytext and executed top to bottom
 by a real Jupyter kernel (nbclient), in lessons/ as the working directory and in fast mode (MINGLM_FAST=1). The
 environment's MPLBACKEND is removed first: the kernel must use its inline backend, so every figure is really
-drawn and lands in the outputs as a PNG (see /work/shared/TOOLING.md, "Notebooks in tests").
+drawn and lands in the outputs as a PNG (with MPLBACKEND=Agg, plt.show() would draw nothing and drawing bugs
+would pass).
 """
 
 from __future__ import annotations

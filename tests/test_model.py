@@ -19,7 +19,7 @@ def tiny_config(**kw):
 
 
 def figure2_inputs():
-    """GLM-REFERENCE §8.2 (code convention) with a second, shorter, right-padded sample."""
+    """docs/figure2.md §2 (code convention) with a second, shorter, right-padded sample."""
     tokens = np.array([[1, 2, 8, 4, 8, 5, 5, 6, 5, 3], [1, 2, 8, 5, 9, 10, 0, 0, 0, 0]])
     pos = np.array([[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 1, 2, 2, 2, 2, 0, 0, 0, 0]])
     block = np.array([[0, 0, 0, 0, 0, 1, 2, 3, 1, 2], [0, 0, 0, 1, 2, 3, 0, 0, 0, 0]])
@@ -35,7 +35,7 @@ def perturb(model, rng):
 
 
 def reference_forward(sd, cfg, tokens, pos, block, sep):
-    """An independent float64 NumPy forward of GLM-REFERENCE §3-§4, straight from the state dict."""
+    """An independent float64 NumPy forward (docs/mask.md, docs/official-code.md §3), straight from the state dict."""
     g = {k: v.astype(np.float64) for k, v in sd.items()}
     B, T = tokens.shape
     C, nh = cfg.d_model, cfg.n_head
@@ -282,7 +282,7 @@ def test_bench_train_flop_count_and_smoke(capsys):
     from minglm.bench import train as bench
 
     dense, attention = bench.step_flops(GLMConfig.preset("small"), 8, 256)
-    assert round(dense / 1e9, 1) == 39.5 and round(attention / 1e9, 1) == 6.4  # PERFORMANCE.md's numbers
+    assert round(dense / 1e9, 1) == 39.5 and round(attention / 1e9, 1) == 6.4  # docs/performance.md's numbers
     assert bench.main(["--configs", "tiny", "--steps", "1", "--rounds", "1", "--batch", "1", "--no-torch"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "ms/step" in out

@@ -1,4 +1,4 @@
-"""One table of ops drives minglm's forward and backward tests (STYLE.md rule 7).
+"""One table of ops drives minglm's forward and backward tests (as minitorch's op tests do).
 
 Each row of ``TABLE`` names one op: the ``Function`` class it exercises, a call through minglm, the same maths in
 plain NumPy, and a recipe for small float64 inputs. From that one table:
@@ -14,7 +14,7 @@ hypothesis property tests: random shapes (1–4 dims), broadcast pairs and non-c
 strided) for the elementwise ops, the reductions and softmax.
 
 Left out here: the known-answer and bad-input tests (tests/test_autograd_semantics.py). Reference: the op list of
-the project's issue 3 and GLM-REFERENCE.md §3 (the attention mask), §4 (GeLU), §5 (the loss).
+docs/mask.md (the attention mask) and docs/official-code.md §3 (GeLU), §4 (the loss).
 """
 
 from __future__ import annotations

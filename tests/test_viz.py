@@ -1,7 +1,7 @@
 """Tests of the visualizer (viz/): every plot draws headless and shows the right thing.
 
-The known answer is GLM-REFERENCE.md §8: the mask image of the Figure-2 sample must have exactly the §8.5 cells
-visible, and the position rows must print the §8.1 / §8.2 numbers. Every figure is really drawn
+The known answer is docs/figure2.md: the mask image of the Figure-2 sample must have exactly the §5 cells
+visible, and the position rows must print the §1 / §2 numbers. Every figure is really drawn
 (`savefig(BytesIO)`), since a Figure that is never rendered hides layout and font errors.
 """
 
@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from known_answers import FIG2_MASK  # noqa: E402 - GLM-REFERENCE.md §8.5, typed once
+from known_answers import FIG2_MASK  # noqa: E402 - docs/figure2.md §5, typed once
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_figure2_with_cls_mask_is_the_12x12_reference():
     sample, names = viz.figure2_sample(with_cls=True)
     codes = np.asarray(draw(viz.plot_attention_mask(sample, tokenizer=names)).axes[0].images[0].get_array())
     r = np.arange(12)
-    expected = (r[None, :] < 7) | (r[None, :] <= r[:, None])  # §8.5: rows 0-6 see 0-6; row r >= 7 sees 0..r
+    expected = (r[None, :] < 7) | (r[None, :] <= r[:, None])  # rows 0-6 see 0-6; row r >= 7 sees 0..r (figure2.md §5)
     np.testing.assert_array_equal(codes > 0, expected)
 
 
@@ -109,7 +109,7 @@ def test_objective_masks_side_by_side():
     vis = [np.asarray(ax.images[0].get_array()) > 0 for ax in axes]
     assert vis[0].all()  # BERT: everything visible
     np.testing.assert_array_equal(vis[1], np.tril(np.ones((6, 6), bool)))  # GPT: causal
-    np.testing.assert_array_equal(vis[4], FIG2_MASK)  # GLM: the §8.5 matrix
+    np.testing.assert_array_equal(vis[4], FIG2_MASK)  # GLM: the docs/figure2.md §5 matrix
     assert tick_texts(axes[4].get_xticklabels()) == FIG2_LABELS
     assert tick_texts(axes[3].get_xticklabels())[:5] == ["x1", "x2", "<X0>", "x4", "<X1>"]
 
@@ -141,7 +141,7 @@ def test_positions_print_the_reference_numbers(convention, pos1):
     sample, names = viz.figure2_sample()
     fig = draw(viz.plot_positions(sample, convention=convention, tokenizer=names))
     ax = fig.axes[0]
-    assert _row_numbers(ax, 1) == pos1  # §8.1 / §8.2 Position 1
+    assert _row_numbers(ax, 1) == pos1  # docs/figure2.md §1 / §2 Position 1
     assert _row_numbers(ax, 2) == [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]  # Position 2
     assert tick_texts(ax.get_yticklabels()) == ["token", "Position 1", "Position 2", "target"]
     tokens = [t.get_text() for t in sorted(ax.texts, key=lambda t: t.get_position()[0]) if t.get_position()[1] == 0]
@@ -151,7 +151,7 @@ def test_positions_print_the_reference_numbers(convention, pos1):
 def test_positions_paper_view_drops_cls():
     sample, names = viz.figure2_sample(with_cls=True)
     ax = draw(viz.plot_positions(sample, convention="paper", tokenizer=names)).axes[0]
-    assert _row_numbers(ax, 1) == [1, 2, 3, 4, 5, 5, 5, 5, 3, 3]  # §8.3: the figure is the code without [CLS]
+    assert _row_numbers(ax, 1) == [1, 2, 3, 4, 5, 5, 5, 5, 3, 3]  # the code without [CLS] (docs/figure2.md §3)
     with pytest.raises(ValueError, match="convention"):
         viz.plot_positions(sample, convention="one-based")
 

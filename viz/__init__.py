@@ -6,7 +6,7 @@
 No pyplot state is used (figures are `matplotlib.figure.Figure` objects; nothing to close, nothing shown), so
 everything runs headless, in tests and in notebooks (display a figure by leaving it as the cell's last value).
 The command line is `python -m minglm plot ...` (minglm/commands/plot.py); the gallery is viz/README.md
-(`python -m viz.make_gallery` rebuilds it). Follows GLM-REFERENCE.md §2.5, §3 and §8.
+(`python -m viz.make_gallery` rebuilds it). Follows docs/official-code.md §2.5, docs/mask.md and docs/figure2.md.
 """
 
 from viz.ablation import plot_ablation

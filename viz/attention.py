@@ -4,7 +4,7 @@
 (`GLM.attention_probs`, (B, nh, T, T), no dropout) and draws sample i cropped to its real length: one head large,
 or every head in a grid. Keys hidden by the mask are white; the colour scale is a square root, so that the
 small probabilities of a long row stay visible. Dashed lines at sep split the picture into the four blocks of
-GLM-REFERENCE.md §3: Part A → Part A (bidirectional), Part B → Part A (context), Part B → Part B (causal), and
+docs/mask.md: Part A → Part A (bidirectional), Part B → Part A (context), Part B → Part B (causal), and
 the empty Part A → Part B.
 `plot_attention_map(probs, sep, labels)` draws an array you already have.
 

@@ -1,6 +1,6 @@
 """Ready-made samples for the pictures: the paper's Figure-2 example and one real sample from a text or a run.
 
-Everything is built with the data module (`minglm.data`): `blank_infill` for Figure 2 (GLM-REFERENCE.md §8.2, spans
+Everything is built with the data module (`minglm.data`): `blank_infill` for Figure 2 (docs/figure2.md §2, spans
 [x3] and [x5 x6], Part B shuffled to [x5 x6], [x3]) and the run's own objective (`make_objective(...).make_batch`)
 for real text, so a plot shows exactly the tensors the model trains on. One seeded numpy Generator per call.
 
@@ -26,7 +26,8 @@ FIGURE2_LABELS = {8 + k: f"x{k + 1}" for k in range(6)}  # ids 8..13 stand for x
 def figure2_sample(with_cls: bool = False):
     """The paper's Figure-2 sample and its token labels: (Sample, {id: "x1", ...}).
 
-    with_cls=False: bare tokens x1..x6 (§8.2, sep = 5); True: `[CLS] x1..x6 <eos>` as real data sees it (§8.3).
+    with_cls=False: bare tokens x1..x6 (docs/figure2.md §2, sep = 5); True: `[CLS] x1..x6 <eos>` as real data sees it
+(§3 there).
     """
     if with_cls:
         tokens = np.array([CLS_ID, 8, 9, 10, 11, 12, 13, EOS_ID])

@@ -1,4 +1,5 @@
-"""Autoregressive blank infilling in three rows, as the paper's Fig. 2 (a)-(c) (GLM-REFERENCE.md §2.5, §8).
+"""Autoregressive blank infilling in three rows, as the paper's Fig. 2 (a)-(c) (docs/official-code.md §2.5,
+docs/figure2.md).
 
 (a) the original text with the sampled spans coloured, (b) Part A: the corrupted text where each span collapsed
 onto one blank, (c) Part B: the spans in their shuffled order, each opened by [S] (<sop>). A span has the same

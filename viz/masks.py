@@ -5,12 +5,13 @@ Part A, a Part-B span (coloured by the span's place in the original text, as in 
 padding. Keys the query may not see are white. The data of the image is the integer region code, so a test can
 read the visibility back from `ax.images[0].get_array() > 0`.
 
-The mask itself follows GLM-REFERENCE.md §3: tril plus every column < sep (the worked example is §8.5). The
+The mask itself is ``minglm.masks.glm_mask`` (docs/mask.md): tril plus every column < sep (the worked example is
+docs/figure2.md §5). The
 comparison layouts follow the paper's §2.3 / Table 1 framing of BERT, GPT, prefix LM (UniLM) and T5 as masks over
 one stack; here T5's encoder and decoder are drawn as one sequence (encoder rows see only the encoder, decoder rows
 see the encoder and the decoder causally).
 
-Left out: the per-layer memory columns of §3 (`mems`), and masks with explicit pad hiding (fine-tuning).
+Left out: the per-layer memory columns of the official code (`mems`), and masks with explicit pad hiding (fine-tuning).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""GLM's 2D positional encoding as a picture (paper Fig. 2(c), GLM-REFERENCE.md §2.5 and §8.1-§8.3).
+"""GLM's 2D positional encoding as a picture (paper Fig. 2(c), docs/official-code.md §2.5 and
+docs/figure2.md §1-§3).
 
 A grid with one column per token: the token row (coloured by region: Part A, or the Part-B span it belongs to,
 in the span colours of the mask plot), then the Position 1 row (where the token sits in the corrupted text; every

@@ -1,4 +1,4 @@
-"""Span-length and mask-ratio distributions of the token-level sampler (GLM-REFERENCE.md §2.2).
+"""Span-length and mask-ratio distributions of the token-level sampler (docs/official-code.md §2.2).
 
 Left axes: the histogram of the span lengths the sampler actually produced, against the truncated Poisson(3) pmf
 it draws from (1..39, renormalised without 0). Right axes: the distribution of the share of a sample's tokens

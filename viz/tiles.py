@@ -1,7 +1,7 @@
 """The tile map of the fused attention: which (query tile, key tile) pairs the GLM mask lets the kernel skip.
 
 The kernel (minglm/kernels/flash_attn.cu) and its NumPy twin (minglm/kernels/twin.py) walk the score matrix in
-bq × bk tiles. With GLM's mask (key j visible to query i when j < sep or j <= i, GLM-REFERENCE.md §3) a tile is
+bq × bk tiles. With GLM's mask (key j visible to query i when j < sep or j <= i, docs/mask.md) a tile is
 - **skipped** when no query in it sees any key in it (keys at or past sep, all later than every query),
 - **full** when every query sees every key (no mask arithmetic needed),
 - **partial** otherwise (the mask is applied inside the tile).

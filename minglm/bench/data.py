@@ -4,7 +4,7 @@
 
 Measures whole batches as the trainer gets them (window choice, span sampling, blank infilling, padding) for each
 objective, with BLAS/OpenMP pinned to one thread, then trains a byte-level BPE on 1 MB of the corpus to 1,000 ids.
-Targets (issue 4): >= 3,000 token-level 512-token samples/s on one core, also for the glm-10b mix; BPE <= 3 s.
+Targets: >= 3,000 token-level 512-token samples/s on one core, also for the glm-10b mix; BPE <= 3 s.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Benchmark: decoding speed with a K/V cache against recomputing the whole sequence for every new token.
 
-Setup (PERFORMANCE.md, "Attention and decoding"): the small config (4 layers, d 256, 8 heads) with random weights,
-a 256-token context encoded once, then 200 greedy tokens generated for one blank. Three ways are timed:
+Setup (docs/performance.md, "Decoding is bound by per-call overhead"): the small config (4 layers, d 256, 8 heads)
+with random weights, a 256-token context encoded once, then 200 greedy tokens generated for one blank. Three ways
+are timed:
 
 - ``fast cache``: ``GLM.infer`` with the ``KVCache``, each layer's array-level ``infer`` method (no Tensor objects);
 - ``model cache``: ``GLM.forward(..., cache=KVCache)`` under ``no_grad``, through the Tensor engine;

@@ -7,11 +7,11 @@ H 8, T 256, D 32 with GLM's ``sep`` mask) this times one forward + backward thro
 ``backward`` with a fixed upstream gradient) and the same computation written by hand in NumPy: the straightforward,
 efficient version (views for transposes, in-place softmax, ``einsum`` row dots), computing exactly the gradients
 minglm computes. Each repeat runs both back to back, and the table reports medians, so a busy machine slows both
-alike; the spread (max/min of the minglm times) is printed to show the noise. Target (issue 3): ratio <= 1.3.
+alike; the spread (max/min of the minglm times) is printed to show the noise. Target: ratio <= 1.3.
 Before timing, every gradient of the hand version is checked against minglm's (``--no-check`` skips it).
 
 Left out: the fused attention kernel (``python -m minglm bench attention``) and whole training steps
-(``python -m minglm bench train``). Reference for the sizes and the NumPy techniques: shared/PERFORMANCE.md.
+(``python -m minglm bench train``). Reference for the sizes and the NumPy techniques: docs/performance.md.
 """
 
 from __future__ import annotations

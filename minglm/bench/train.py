@@ -1,6 +1,6 @@
 """Benchmark: one GLM training step (forward + backward + AdamW) in minglm, and the same model in PyTorch eager.
 
-Configs (PERFORMANCE.md): ``tiny`` (4 layers, d 128, 4 heads, seq 128) and ``small`` (4 layers, d 256, 8 heads,
+Configs (docs/performance.md): ``tiny`` (4 layers, d 128, 4 heads, seq 128) and ``small`` (4 layers, d 256, 8 heads,
 seq 256), batch 8, vocabulary 256, random tokens with a GLM ``sep`` of T/2 per sample. Reported per config:
 ms/step (median of ``--steps`` timed steps after a warm-up), tokens/s, achieved GFLOP/s, and the peak memory of one
 step (``tracemalloc``, which NumPy reports its buffers to). When torch is importable, the same architecture is

@@ -36,7 +36,7 @@ def _train_quick_run(out: Path, steps: int, say) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m minglm finetune",
-        description="Cloze fine-tuning (GLM-REFERENCE §7) on the genre of Shakespeare passages, split by play: "
+        description="Cloze fine-tuning (GLM paper §3.1) on the genre of Shakespeare passages, split by play: "
                     "majority baseline, zero-shot, full fine-tuning, LoRA and prefix tuning.")
     ap.add_argument("--run", help="pretrained run folder or checkpoint (default: the newest run under --out; "
                                   "if there is none, a quick tiny run is trained first)")

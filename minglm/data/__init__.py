@@ -1,7 +1,7 @@
 """minglm's data pipeline: corpora, GLM blank infilling, span samplers, objectives, batches and the loader.
 
-Read in this order: corpus.py (text) -> blank.py (one sample's Part A / Part B, GLM-REFERENCE.md §2.5) ->
-samplers.py (which spans, §2.2-§2.4) -> objectives.py (GLM's mixture and the baselines) -> batch.py (padding,
+Read in this order: corpus.py (text) -> blank.py (one sample's Part A / Part B, docs/official-code.md §2.5) ->
+samplers.py (which spans, §2.2-§2.4 there) -> objectives.py (GLM's mixture and the baselines) -> batch.py (padding,
 the dense mask, `describe`) -> loader.py (framing §1, epochs, resumable state).
 
     >>> from minglm.data import load_corpus, encode_corpus, BlockLoader, describe

@@ -1,8 +1,8 @@
 """Batches: right-padding built samples into the `Batch` every objective produces, the dense reference mask, and a
 pretty-printer that shows a sample's Part A, Part B, positions and mask.
 
-Follows GLM-REFERENCE.md §2.6 (padding: id 0, target 0, loss 0, both position rows 0, after Part B so no real token
-sees a pad) and §3 (the mask is tril plus every column < sep; only `sep` is carried, never a T x T matrix).
+Follows docs/official-code.md §2.6 (padding: id 0, target 0, loss 0, both position rows 0, after Part B so no real token
+sees a pad) and docs/mask.md (the mask is tril plus every column < sep; only `sep` is carried, never a T x T matrix).
 
 Glossary: B = batch size, T = padded length of the batch.
 """
@@ -57,7 +57,7 @@ class Batch:
 
 
 def collate(samples: list[Sample], objective: str | None = None, pad_to: int | None = None) -> Batch:
-    """Right-pad samples with zeros into a Batch (GLM-REFERENCE.md §2.6). `pad_to` fixes T (else the longest)."""
+    """Right-pad samples with zeros into a Batch (docs/official-code.md §2.6). `pad_to` fixes T (else the longest)."""
     if not samples:
         raise ValueError("collate: need at least one sample")
     lengths = np.array([len(s.tokens) for s in samples], dtype=np.int64)
@@ -84,7 +84,7 @@ def collate(samples: list[Sample], objective: str | None = None, pad_to: int | N
 
 
 def dense_mask(batch_or_sep, T: int | None = None) -> np.ndarray:
-    """The (B, T, T) bool attention mask, True = may attend: tril plus every column < sep (GLM-REFERENCE.md §3).
+    """The (B, T, T) bool attention mask, True = may attend: tril plus every column < sep (``minglm.masks.glm_mask``).
 
     Only for reference code, tests and plots: the model gets `sep`. Accepts a Batch, a Sample, an int or a (B,) array.
     """

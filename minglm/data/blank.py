@@ -1,8 +1,8 @@
 """Autoregressive blank infilling: turn a token sequence plus chosen spans into GLM's Part A / Part B tensors.
 
-This is `make_block_data` of the official code (GLM-REFERENCE.md §2.5) and the prefix branch of the [gMASK]
-objective (§2.4), both in the official **0-based** convention (§8.2, §8.3); `paper_view` converts a sample to the
-paper's 1-based Figure 2 view (§8.1) for plots.
+This is `make_block_data` of the official code (docs/official-code.md §2.5) and the prefix branch of the [gMASK]
+objective (§2.4 there), both in the official **0-based** convention (docs/figure2.md §2, §3); `paper_view` converts a
+sample to the paper's 1-based Figure 2 view (docs/figure2.md §1) for plots.
 
 Glossary: L = length of the original sample, n = number of spans, S = length of the built sample
 (L - masked + n for Part A, plus masked + n for Part B). Everything here is vectorised over tokens: the cost of a
@@ -57,7 +57,7 @@ def check_spans(spans, length: int, where: str = "blank_infill") -> np.ndarray:
 
 
 def blank_infill(tokens, spans, vocab=None, order=None, mask_id=None, shuffle=True, block_position=True, rng=None):
-    """Build the GLM sample for `tokens` with the half-open `spans` blanked out (GLM-REFERENCE.md §2.5).
+    """Build the GLM sample for `tokens` with the half-open `spans` blanked out (docs/official-code.md §2.5).
 
     tokens: (L,) ids; spans: (start, end) pairs, non-overlapping (any order; they are sorted into text order).
     vocab: anything with mask_id / sop_id / eop_id attributes (a tokenizer); None uses the shared special ids.
@@ -126,7 +126,7 @@ def blank_infill(tokens, spans, vocab=None, order=None, mask_id=None, shuffle=Tr
 
 
 def gmask_prefix(tokens, g: int, vocab=None, mask_id=None, block_position=True) -> Sample:
-    """The prefix branch of [gMASK] (GLM-REFERENCE.md §2.4): blank out the last `g` tokens of the sample.
+    """The prefix branch of [gMASK] (docs/official-code.md §2.4): blank out the last `g` tokens of the sample.
 
     tokens = text[:L-g] + [gMASK, <sop>] + text[L-g:-1];  targets = text[:L-g] + [gMASK] + text[L-g:]
     Part-B positions all equal L-g (the [gMASK] position); block ids 0 on [gMASK], then 1..g. There is no <eop>:
@@ -169,7 +169,7 @@ class PaperView:
 
 
 def paper_view(sample: Sample, vocab=None) -> PaperView:
-    """Convert the official 0-based view to the paper's figure view (GLM-REFERENCE.md §8.1 vs §8.2/§8.3).
+    """Convert the official 0-based view to the paper's figure view (docs/figure2.md §1 vs §2 and §3).
 
     With a leading [CLS] (real data) the figure is the sample with [CLS] and Part A's <eos> tokens left out and the
     positions unchanged; bare tokens (no [CLS]) get every position + 1. Part-B position rows are treated alike.

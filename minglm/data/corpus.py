@@ -9,7 +9,7 @@
 
 The split is deterministic: documents are permuted by `numpy.random.default_rng(seed)` and the last
 `val_fraction` of them (at least one, when there are two or more) go to validation. Nothing here tokenizes: see
-`encode_corpus`. See GLM-REFERENCE.md §1 for how documents are framed afterwards, and TOOLING.md for the packages.
+`encode_corpus`. See docs/official-code.md §1 for how documents are framed afterwards.
 """
 
 from __future__ import annotations

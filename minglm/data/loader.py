@@ -1,6 +1,6 @@
 """Framing documents into fixed-length windows and serving batches to the trainer, resumably.
 
-Framing follows the official `BlockDataset` (GLM-REFERENCE.md §1): every document becomes `[CLS] doc <eos>`, the
+Framing follows the official `BlockDataset` (docs/official-code.md §1): every document becomes `[CLS] doc <eos>`, the
 documents are concatenated, and the stream is cut into windows of `seq_len` tokens, each starting with [CLS] (a
 window that starts mid-document gets one in front of its piece), so one window may read `[CLS] ... <eos> [CLS] next
 doc ...`; positions and attention are never reset between documents. The official dataset draws documents at random
@@ -31,7 +31,8 @@ def frame_documents(docs_ids: list[np.ndarray], cls_id: int = CLS_ID, eos_id: in
 
 
 def make_windows(stream: np.ndarray, seq_len: int, cls_id: int = CLS_ID) -> np.ndarray:
-    """(N, seq_len) windows of a framed stream, each starting with [CLS] as every official sample does (§1).
+    """(N, seq_len) windows of a framed stream, each starting with [CLS] as every official sample does
+    (docs/official-code.md §1).
 
     Windows tile the stream without overlap. One that begins at a document's own [CLS] is stream[a : a + seq_len];
     one that begins mid-document gets a [CLS] in front of its piece, [CLS] + stream[a : a + seq_len - 1] (the

@@ -1,11 +1,11 @@
 """Pretraining objectives: GLM's mixture (one objective per batch) and the baselines GLM is compared with.
 
-Every objective turns a list of framed windows (`[CLS] doc <eos> ...`, GLM-REFERENCE.md §1) into the same `Batch`,
-so one model trains on any of them:
+Every objective turns a list of framed windows (`[CLS] doc <eos> ...`, docs/official-code.md §1) into the same
+`Batch`, so one model trains on any of them (the GLM mixtures are docs/official-code.md §2.1):
 
 | name       | what it is                                                                                 |
 |------------|--------------------------------------------------------------------------------------------|
-| glm-base   | token-level blank infilling only, blank [MASK] (GLM-Base/Large, §2.1)                       |
+| glm-base   | token-level blank infilling only, blank [MASK] (GLM-Base/Large)                              |
 | glm-10b    | token 0.5 / sentence 0.3 / document 0.2, task masks [MASK] [sMASK] [gMASK], gpt min ratio 0.25 |
 | glm-doc    | token 0.5 / document 0.5, blank [MASK] for both, document span 50-100 % of the length        |
 | glm-130b   | 30 % token-level [MASK], 70 % [gMASK] prefix (suffix generation, length uniform)             |
@@ -14,10 +14,10 @@ so one model trains on any of them:
 | prefix     | prefix LM (UniLM-style): a random prefix is bidirectional (sep = its length), loss on the rest |
 | t5         | T5 span corruption, see `T5Objective` for how sentinels map onto this small vocabulary       |
 
-The mixture draws its mode once per batch (§2.1): rand < bert_prob -> "token"; < bert_prob + sentence_prob ->
-"sentence"; else "document". `Batch.objective` is the mode name, so a trainer can log the loss per mode.
+The mixture draws its mode once per batch: rand < bert_prob -> "token"; < bert_prob + sentence_prob -> "sentence";
+else "document". `Batch.objective` is the mode name, so a trainer can log the loss per mode.
 Left out: GLM-10B's `--block-mask-prob` ([dBLOCK]) and `--short-seq-prob`, and GLM-130B's 1-D RoPE positions
-(GLM-REFERENCE.md §10; the 130B preset only reproduces its data mixture).
+(docs/glm130b.md; the 130B preset only reproduces its data mixture).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ OBJECTIVE_NAMES = tuple(GLM_PRESETS) + BASELINES
 
 @dataclass
 class GLMObjective:
-    """GLM's blank-infilling mixture. Defaults are the official argument defaults (GLM-REFERENCE.md §2.1)."""
+    """GLM's blank-infilling mixture. Defaults are the official argument defaults (docs/official-code.md §2.1)."""
 
     name: str = "glm-base"
     bert_prob: float = 1.0  # P(token-level batch)

@@ -1,6 +1,7 @@
-"""Choosing what to blank out: token-level spans, sentences, and the long [gMASK] span (GLM-REFERENCE.md §2.2-§2.4).
+"""Choosing what to blank out: token-level spans, sentences, and the long [gMASK] span.
 
-Each sampler takes one framed sample (`[CLS] doc <eos> [CLS] doc ...`, §1) and returns half-open (start, end) spans
+The § numbers in this file are sections of docs/official-code.md. Each sampler takes one framed sample
+(`[CLS] doc <eos> [CLS] doc ...`, §1) and returns half-open (start, end) spans
 in sample coordinates; blank.py then builds the tensors. The rules follow the official `ConstructBlockStrategy`:
 
 - token level (§2.2): span lengths ~ Poisson(3) truncated to 1..39, drawn until >= int(0.15 * len) tokens;

@@ -7,7 +7,7 @@
 
 ``flash_attention_forward`` / ``flash_attention_backward`` pick the kernel for CuPy arrays and the twin otherwise.
 On a CPU the plain path is faster for short sequences: use the twin when ``T >= TWIN_MIN_T`` (measured with
-``python -m minglm bench attention``). The mask rule is GLM-REFERENCE.md §3.
+``python -m minglm bench attention``). The mask rule is docs/mask.md.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ The plan (which build of which kernel) is cached per (device, head size): a RawM
 
 Shapes: q, k, v, o, do (B, H, T, D) with D in {32, 64, 128}; lse (B, H, T) float32; sep, lengths (B,) ints.
 The kernel design (tiles, shared memory, the atomicAdd for dq) is described at the top of ``flash_attn.cu``;
-the maths is derived in ``twin.py``. GLM-REFERENCE.md §3 gives the mask.
+the maths is derived in ``twin.py``. docs/mask.md gives the mask.
 
 Left out: streams, arrays on a device other than the current one, autotuning of tile sizes, and a bf16 path
 (NumPy/CuPy have no bfloat16).

@@ -1,6 +1,6 @@
 // Fused GLM-masked attention for minglm: forward and backward, float32, one head size per compile.
 //
-// What it computes (GLM-REFERENCE.md §3): for sample b, key j is visible to query i when j < sep[b] or j <= i.
+// What it computes (docs/mask.md): for sample b, key j is visible to query i when j < sep[b] or j <= i.
 //   o = softmax(scale * q k^T + mask) v,   lse = log of each row's softmax denominator (saved for the backward).
 // The mask is evaluated from sep[b] on the fly: no T×T buffer exists anywhere, in global or shared memory.
 // Rows i >= len[b] (padding at the end; len[b] = T when the caller has no lengths) are treated as absent:

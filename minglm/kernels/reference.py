@@ -5,13 +5,14 @@ against, and the "plain" baseline of ``minglm/bench/attention.py``. It materiali
 (B, H, T, T) probabilities, so it costs O(T²) memory: fine for tests and short sequences, wasteful at T = 2048.
 Works on NumPy and CuPy arrays alike (``get_xp``).
 
-The mask follows GLM-REFERENCE.md §3: key j is visible to query i of sample b when ``j < sep[b]`` or ``j <= i``.
+The mask follows docs/mask.md (``minglm.masks.glm_mask``): key j is visible to query i of sample b when
+``j < sep[b]`` or ``j <= i``.
 With ``lengths``, query rows ``i >= lengths[b]`` are treated as absent (output 0, lse 0, no gradient), the same
 rule the twin and the kernel use, and the padded rows of q, k, v and of the upstream gradient are read as 0: a
 masked probability is 0, but it still multiplies its value row, and 0 * NaN is NaN.
 
 Left out: dropout, memory columns, and the −65504 fill of the official fp16 code (−inf gives identical float32
-results, §3).
+results, docs/mask.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ sample's tiles stay in cache, and the numbers are the same as in one batched pas
 
 Glossary: B = batch, H = heads, T = sequence length, D = head size, bq/bk = query/key tile sizes.
 
-The GLM mask (GLM-REFERENCE.md §3): key j is visible to query i of sample b when ``j < sep[b]`` (Part A, seen by
+The GLM mask (docs/mask.md): key j is visible to query i of sample b when ``j < sep[b]`` (Part A, seen by
 everyone) or ``j <= i`` (causal). Every query sees key 0, so every row of the softmax has at least one term.
 
 Forward: the online-softmax recurrence
