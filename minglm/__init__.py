@@ -1,7 +1,7 @@
 """minglm: GLM (the General Language Model, Du et al. 2021) from scratch in NumPy, with CuPy on a GPU.
 
-The layers, lowest first: backend (the xp seam, parallel) → tensor/ops (autograd) → kernels (fused attention) →
-functional and masks (neural-network ops) → nn → model → tokenizer/data → optim/checkpoint/runs/train →
+The layers, lowest first: backend (the xp seam, parallel) → masks (GLM's mask) → tensor/ops (autograd) → kernels
+(fused attention) → functional (neural-network ops) → nn → model → tokenizer/data → optim/checkpoint/runs/train →
 generate/finetune/lora/prefix/interop → commands (``python -m minglm``). A lower layer never imports a higher one;
 tests/test_layers.py checks every import.
 """

@@ -133,7 +133,7 @@ def test_glm_mask_matches_figure_2():
     expected[:5, :5] = True
     for r in range(5, 10):
         expected[r, : r + 1] = True
-    np.testing.assert_array_equal(glm_mask(np, 10, np.array([5]))[0, 0], expected)
+    np.testing.assert_array_equal(glm_mask(np, np.array([5]), 10)[0, 0], expected)
 
 
 def test_reference_backward_matches_central_differences():

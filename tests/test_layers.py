@@ -18,9 +18,10 @@ PACKAGE = ROOT / "minglm"
 # Lowest first. A module may import its own layer and the layers before it, never a later one.
 LAYERS = [
     ("backend", ["minglm.backend", "minglm.parallel"]),
+    ("mask", ["minglm.masks"]),
     ("autograd", ["minglm", "minglm.tensor", "minglm.ops"]),
     ("kernels", ["minglm.kernels"]),
-    ("functional", ["minglm.functional", "minglm.masks"]),
+    ("functional", ["minglm.functional"]),
     ("nn", ["minglm.nn"]),
     ("model", ["minglm.model"]),
     ("data", ["minglm.tokenizer", "minglm.data"]),

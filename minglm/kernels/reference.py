@@ -19,17 +19,7 @@ from __future__ import annotations
 
 from minglm.backend import get_xp
 from minglm.kernels.twin import _check_inputs, _zero_padding
-
-
-def glm_mask(xp, T: int, sep, lengths=None):
-    """The boolean GLM mask, shape (B, 1, T, T), True = may attend. ``sep`` and ``lengths`` are (B,) ints."""
-    sep = xp.asarray(sep).reshape(-1, 1, 1, 1)
-    qi = xp.arange(T).reshape(1, 1, T, 1)  # (1, 1, T, 1) query index
-    kj = xp.arange(T).reshape(1, 1, 1, T)  # (1, 1, 1, T) key index
-    mask = (kj < sep) | (kj <= qi)  # (B, 1, T, T)
-    if lengths is not None:
-        mask = mask & (qi < xp.asarray(lengths).reshape(-1, 1, 1, 1))
-    return mask
+from minglm.masks import glm_mask
 
 
 def reference_attention(q, k, v, sep, scale=None, lengths=None):
@@ -42,7 +32,7 @@ def reference_attention(q, k, v, sep, scale=None, lengths=None):
     sep_h, len_h = _check_inputs("reference_attention", q, k, v, sep, lengths)
     B, H, T, D = q.shape
     scale = float(D**-0.5 if scale is None else scale)
-    mask = glm_mask(xp, T, sep_h, len_h)  # (B, 1, T, T)
+    mask = glm_mask(xp, sep_h, T, lengths=len_h)  # (B, 1, T, T)
     real_row = mask.any(axis=-1)  # (B, 1, T): False only for absent pad rows
     q, k, v = (_zero_padding(xp, a, len_h) for a in (q, k, v))  # whatever the padding holds, it counts as 0
 
