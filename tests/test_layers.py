@@ -8,6 +8,7 @@ a row, so the table stays the map of the package that the README's layer table s
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,19 @@ def test_no_import_runs_up_the_layers(path):
 def test_training_does_not_reach_for_decoding():
     targets = {t for _, t in imports_of(PACKAGE / "train.py")}
     assert not any(t.startswith("minglm.generate") for t in targets), sorted(targets)
+
+
+def test_the_readme_table_lists_the_layers_in_this_order():
+    """Each row of the README's layer table names files; read top to bottom, their layers never go down."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| layer (lower never imports higher"):].split("\n\n")[0]
+    ranks = []
+    for row in table.splitlines()[2:]:
+        modules = [m.replace("/", ".").removesuffix(".py").rstrip(".")
+                   for m in re.findall(r"`(minglm/[\w/]*(?:\.py)?)`", row)]
+        known = [layer_of(m) for m in modules if layer_of(m) is not None]
+        if known:
+            ranks.append((min(known), max(known), row.split("|")[1].strip()))
+    assert len(ranks) >= 8, table
+    for (_, hi_a, a), (lo_b, _, b) in zip(ranks, ranks[1:]):
+        assert hi_a <= lo_b, f"README layer table: row {a!r} holds a layer above row {b!r}'s"
