@@ -285,3 +285,14 @@ def test_nan_in_padding_never_reaches_real_rows(impl, dtype, tol):
         assert np.isfinite(d).all(), f"{impl} {name}: NaN from the padding leaked"
         np.testing.assert_allclose(d, c, atol=tol, rtol=tol, err_msg=f"{impl} {name}")
         assert (d[pad3] == 0).all(), f"{impl} {name}: padded rows are not 0"
+
+
+def test_empty_sequences_give_empty_results():
+    """T = 0 (and a sample of length 0): empty outputs of the right shapes from the twin and the reference."""
+    q = np.zeros((2, 3, 0, 8))
+    sep, lengths = np.array([0, 0]), np.array([0, 0])
+    for o, lse in (twin.flash_attention_forward(q, q, q, sep, lengths=lengths),
+                   reference_attention(q, q, q, sep, lengths=lengths)[:2]):
+        assert o.shape == q.shape and lse.shape == (2, 3, 0)
+    grads = twin.flash_attention_backward(q, q, q, q, np.zeros((2, 3, 0)), q, sep, lengths=lengths)
+    assert all(g.shape == q.shape for g in (*grads, *reference_attention(q, q, q, sep)[2](q)))

@@ -32,6 +32,8 @@ def reference_attention(q, k, v, sep, scale=None, lengths=None):
     sep_h, len_h = _check_inputs("reference_attention", q, k, v, sep, lengths)
     B, H, T, D = q.shape
     scale = float(D**-0.5 if scale is None else scale)
+    if T == 0:  # no rows, no keys (the row max below needs at least one key)
+        return xp.zeros_like(q), xp.zeros((B, H, 0), dtype=q.dtype), lambda do: tuple(xp.zeros_like(q) for _ in "qkv")
     mask = glm_mask(xp, sep_h, T, lengths=len_h)  # (B, 1, T, T)
     real_row = mask.any(axis=-1)  # (B, 1, T): False only for absent pad rows
     q, k, v = (_zero_padding(xp, a, len_h) for a in (q, k, v))  # whatever the padding holds, it counts as 0
