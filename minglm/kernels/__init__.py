@@ -5,7 +5,10 @@
 - ``twin.py``: its NumPy twin, the same tile loops and recurrence, batched over heads, one piece per sample (CPU);
 - ``reference.py``: plain dense masked attention, the readable path everything is tested against.
 
-``flash_attention_forward`` / ``flash_attention_backward`` pick the kernel for CuPy arrays and the twin otherwise.
+``flash_attention_forward`` / ``flash_attention_backward`` pick the kernel for CuPy arrays and the twin otherwise;
+``cuda.py`` then picks the kernel build that fits the device's shared memory (or the twin, with a warning).
+``python -m minglm.kernels.gpu_check`` is the acceptance check for a GPU (``nvrtc_check`` and ``emulate`` are the
+CPU-side ones).
 On a CPU the plain path is faster for short sequences: use the twin when ``T >= TWIN_MIN_T`` (measured with
 ``python -m minglm bench attention``). The mask rule is docs/mask.md.
 """

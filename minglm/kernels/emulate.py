@@ -218,14 +218,15 @@ class FakeCupy:
     through the CPU emulation. Lets a test drive the real launcher (dispatch, grid, arguments, shared memory) on a
     CPU, on a pretend device with ``smem_optin`` bytes of opt-in shared memory per block (227 KiB on an H100,
     64 KiB on a T4, 48 KiB on Pascal; or a dict {device id: bytes} for several devices). ``device_id`` may be
-    changed to pretend that another device is current."""
+    changed to pretend that another device is current; ``source`` runs another copy of flash_attn.cu."""
 
     int32, float32, float16 = np.int32, np.float32, np.float16
 
     def __init__(self, smem_optin: int | dict[int, int] = 227 * 1024, schedule: str = "thread-order", seed: int = 0,
-                 device_id: int = 0):
+                 device_id: int = 0, source: str | None = None):
         _schedule_code(schedule)
         self.smem_optin, self.schedule, self.seed, self.device_id = smem_optin, schedule, seed, device_id
+        self.source = None if source is None else str(source)
         self.launches: list[tuple[str, tuple, tuple, int]] = []  # (kernel, grid, block, shared_mem) per launch
         self.modules: list[tuple[int, tuple]] = []  # (device id, options) per RawModule built
         self.cuda = _FakeCudaNamespace(self)
@@ -304,7 +305,7 @@ class _FakeKernel:
         self.cupy.launches.append((self.name, tuple(grid), tuple(block), shared_mem))
         if self.device_id != self.cupy.device_id:
             raise RuntimeError(f"{self.name}: launched on device {self.cupy.device_id}, built for {self.device_id}")
-        lib = _library(self.head_dim, self.small_tiles)
+        lib = _library(self.head_dim, self.small_tiles, self.cupy.source)
         if shared_mem > self._max_dynamic:
             raise RuntimeError(f"{self.name}: {shared_mem} B of shared memory over the kernel's limit "
                                f"{self._max_dynamic} B (a real launch would fail)")
