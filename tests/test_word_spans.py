@@ -37,11 +37,14 @@ def test_word_spans_never_cut_a_word_and_start_at_its_space(tok):
             right = tok.decode(ids[b:-1])
             assert not _is_letter_edge(inside + right, len(inside)), f"a span ends inside a word: {inside!r}"
             assert CLS_ID not in ids[a:b] and EOS_ID not in ids[a:b]
+            # a span starts and ends with a word: punctuation and line breaks at its edges stay in the text
+            assert inside.strip()[0].isalpha() and inside.rstrip()[-1].isalpha(), inside
 
 
 def test_word_units_of_characters():
     tok = CharTokenizer.from_texts([TEXT])
-    first, joins = word_edge_tables(tok)
+    first, joins, letter = word_edge_tables(tok)
+    assert letter[tok.encode("a")[0]] and not letter[tok.encode(",")[0]] and not letter[tok.encode(" ")[0]]
     ids = np.array(tok.encode("to be, or"))
     starts = np.ones(len(ids), dtype=bool)
     starts[1:] = ~(first[ids[1:]] & joins[ids[:-1]])
@@ -80,7 +83,7 @@ def test_span_lambda_sets_the_poisson_mean_of_span_lengths():
     means = {}
     for lam in (1.0, 3.0):
         obj = make_objective("glm-base", tok, span_unit="word", span_lambda=lam, mask_ratio=0.15)
-        first, joins = obj.word_edges
+        first, joins, _ = obj.word_edges
         starts = np.ones(len(ids), dtype=bool)
         starts[1:] = ~(first[ids[1:]] & joins[ids[:-1]])
         unit_of = np.cumsum(starts) - 1

@@ -153,32 +153,35 @@ class TokenSpanSampler:
                          "or a shorter sequence length")
 
 
-def word_edge_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(V,) bool tables for `WordSpanSampler`: does token i's text start with a letter, and may a word's letters
-    follow it (its text ends with a letter, or is all spaces)."""
+def word_edge_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(V,) bool tables for `WordSpanSampler`: does token i's text start with a letter; may a word's letters follow
+    it (its text ends with a letter, or is all spaces); does it hold a letter at all."""
     V = tokenizer.vocab_size
-    first, joins = np.zeros(V, dtype=bool), np.zeros(V, dtype=bool)
+    first, joins, letter = np.zeros(V, dtype=bool), np.zeros(V, dtype=bool), np.zeros(V, dtype=bool)
     for i in range(8, V):  # the 8 specials are never letters
         text = tokenizer.decode([i])
         if text and text != "\ufffd":
             first[i] = text[0].isalpha()
             joins[i] = text[-1].isalpha() or text.strip(" ") == ""
-    return first, joins
+            letter[i] = any(c.isalpha() for c in text)
+    return first, joins, letter
 
 
 class WordSpanSampler(TokenSpanSampler):
     """GLM's token-level sampler over whole words: span lengths count units, not tokens, so a blank never cuts a
     word in two (``kno[MASK]t``). A unit is one word with the spaces before it (`` the``), or one other token
     (punctuation, a newline); this is the unit byte-level BPE already has, and a character tokenizer now shares
-    it. The Poisson(3) lengths, the mask ratio (of units) and the placement rules are `TokenSpanSampler`'s.
+    it. The Poisson lengths, the mask ratio (of units) and the placement rules are `TokenSpanSampler`'s; then each
+    span is trimmed to start and end with a word, so punctuation and line breaks at its edges stay in the text
+    (a span of punctuation alone is dropped, unless every span was).
 
     A named deviation from GLM, whose spans are over word pieces: a span of characters rarely matches what a user
-    blanks, which is a whole word.
+    blanks, which is a whole word or a few.
     """
 
-    def __init__(self, first_letter: np.ndarray, joins_word: np.ndarray, **kwargs):
+    def __init__(self, first_letter: np.ndarray, joins_word: np.ndarray, has_letter: np.ndarray, **kwargs):
         super().__init__(**kwargs)
-        self.first_letter, self.joins_word = first_letter, joins_word
+        self.first_letter, self.joins_word, self.has_letter = first_letter, joins_word, has_letter
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -186,9 +189,19 @@ class WordSpanSampler(TokenSpanSampler):
         starts[1:] = ~(self.first_letter[tokens[1:]] & self.joins_word[tokens[:-1]])
         offsets = np.flatnonzero(starts)  # (U,) the first token of each unit
         unit_spans = super().__call__(tokens[offsets], rng)  # specials are units of their own: documents survive
-        bounds = np.append(offsets, len(tokens))
         if not len(unit_spans):
             return unit_spans
+        # a word unit holds a letter: a first token with one, or more than one token (letters joined on)
+        length = np.diff(np.append(offsets, len(tokens)))
+        word = self.has_letter[tokens[offsets]] | (length > 1)  # (U,)
+        idx = np.arange(len(offsets))
+        next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]  # first word unit >= i
+        prev_word = np.maximum.accumulate(np.where(word, idx, -1))  # last word unit <= i
+        a, b = next_word[unit_spans[:, 0]], prev_word[unit_spans[:, 1] - 1] + 1
+        keep = a < b
+        if keep.any():
+            unit_spans = np.stack([a[keep], b[keep]], axis=1)
+        bounds = np.append(offsets, len(tokens))
         return np.stack([bounds[unit_spans[:, 0]], bounds[unit_spans[:, 1]]], axis=1)
 
 
