@@ -29,8 +29,11 @@ def test_cpu_side_mode_runs_the_cpu_parts_and_names_the_skipped_gpu_parts(no_gpu
     monkeypatch.setattr(emulate, "bounds_check", lambda D, small_tiles=False: (True, "ok"))  # tested elsewhere
     assert gpu_check.main([]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[2] for line in out.splitlines() if line.split()[:1] in ([n] for n in
-                                                                                                  gpu_check.CHECKS)}
+    rows = {}  # part -> result, from the table's rows ("name side result seconds detail")
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] in gpu_check.CHECKS:
+            rows[words[0]] = words[2]
     assert rows["facts"] == "ok"
     for name in ("nvrtc", "emulator", "bounds"):
         assert rows[name] in ("ok", "skipped"), out  # skipped only when the wheel or g++ is missing

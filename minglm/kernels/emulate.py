@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import os
 import shutil
 import subprocess
 import tempfile
@@ -206,7 +207,7 @@ def bounds_check(head_dim: int, cases=None, small_tiles: bool = False, schedules
              for B, H, T, sep, lens in cases]
     cmd = [str(_bounds_executable(head_dim, small_tiles)), *(str(_schedule_code(s)) for s in schedules)]
     proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True, check=False,
-                          env={"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
+                          env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
