@@ -73,7 +73,9 @@ class TrainConfig:
     spike_warmup: int = 200  # no ratio test before this step (early losses fall fast)
     max_rollbacks: int = 5  # give up (raise) after this many rollbacks in one run
     # the end of the run
-    fill_lines: int = 6  # held-out lines printed with the model's greedy fill beside the truth
+    fill_words: int = 400  # one-word blanks of the end-of-run fill benchmark (minglm/fill_eval.py)
+    fill_spans: int = 200  # 2-4-word blanks of it (both 0: no benchmark)
+    fill_lines: int = 6  # example rows of the benchmark printed (text, truth, model, n-gram)
     plots: bool = True  # draw runs/<name>/plots/*.png with viz at the end (when viz is importable)
 
     def __post_init__(self):
@@ -82,7 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "eval_every", "ckpt_every", "spike_warmup", "max_rollbacks", "fill_lines", "seed"):
+        for name in ("warmup", "eval_every", "ckpt_every", "spike_warmup", "max_rollbacks", "fill_words", "fill_spans",
+                     "fill_lines", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")

@@ -49,7 +49,8 @@ class Blank:
     right: str  # the word after it, or </s>
 
 
-def _candidate_lines(docs: list[str], min_chars: int, max_chars: int) -> list[str]:
+def candidate_lines(docs: list[str], min_chars: int = 30, max_chars: int = 90) -> list[str]:
+    """The validation lines a blank may be cut from: 30-90 characters, mostly letters, at least six words."""
     lines = []
     for doc in docs:
         for line in doc.splitlines():
@@ -66,7 +67,7 @@ def _candidate_lines(docs: list[str], min_chars: int, max_chars: int) -> list[st
 def build_blank_set(val_docs: list[str], n_word: int = N_WORD, n_span: int = N_SPAN, seed: int = FILL_SEED,
                     min_chars: int = 30, max_chars: int = 90) -> list[Blank]:
     """``n_word`` one-word blanks, then ``n_span`` blanks of 2-4 words, each in its own validation line."""
-    lines = _candidate_lines(val_docs, min_chars, max_chars)
+    lines = candidate_lines(val_docs, min_chars, max_chars)
     need = n_word + n_span
     if len(lines) < need:
         raise ValueError(f"build_blank_set: the validation documents have {len(lines)} usable lines of "

@@ -55,10 +55,18 @@ def save_run(model: GLM, tokenizer, run_dir, step: int = 0) -> Path:
     return save_checkpoint(run_dir / "ckpt", step, arrays, run_meta(model.config, tokenizer))
 
 
+# Runs that come with minglm, by the name a user types (when no folder of that name exists here).
+BUNDLED_RUNS = {"course": Path(__file__).resolve().parent / "course_model"}
+
+
 def resolve_run(path) -> tuple[Path, Path]:
-    """(run folder, checkpoint record step_N.json) for a run folder (its newest valid checkpoint) or one checkpoint
-    (``ckpt/step_N.npz`` or ``.json``)."""
+    """(run folder, checkpoint record step_N.json) for a run folder (its newest valid checkpoint), one checkpoint
+    (``ckpt/step_N.npz`` or ``.json``), or the name of a bundled run (``course``: see minglm/course.py)."""
     p = Path(path)
+    if not p.exists() and str(path) in BUNDLED_RUNS:
+        p = BUNDLED_RUNS[str(path)]
+        if not p.is_dir():
+            raise FileNotFoundError(f"load_run: the bundled {path!r} model is missing from {p}; reinstall minglm")
     if not p.exists():
         raise FileNotFoundError(f"load_run: no such run folder or checkpoint: {str(path)!r}")
     if p.is_dir():

@@ -67,7 +67,10 @@ def test_cli_smoke_run_writes_the_run_folder(corpus_dir, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stop_reason"] == "completed" and summary["rollbacks"] == 0
     assert summary["unigram_loss"] > 0 and summary["val_loss"] == log[5]["val_loss"]
-    assert len(summary["fills"]) == 2 and all("[MASK]" in f["text"] for f in summary["fills"])
+    fills = summary["fill_eval"]  # the fill benchmark, scaled to the usable lines of this small corpus
+    assert len(fills["examples"]) == 2 and all("[MASK]" in f["text"] for f in fills["examples"])
+    assert set(fills["scores"]) == {"model", "n-gram", "most frequent"} and 1 <= fills["rank"] <= 3
+    assert fills["n_word"] > fills["n_span"] > 0 and fills["scores"]["model"]["word"]["n"] == fills["n_word"]
     # the fill command loads the run folder this wrote
     model, tokenizer = load_run(run)
     assert model.config.d_model == 32 and tokenizer.vocab_size == config["model"]["vocab_size"]
@@ -84,7 +87,7 @@ def test_resume_continues_bit_for_bit(corpus_dir, tmp_path):
     assert without_timing(cut) == without_timing(whole)  # losses, lrs, grad norms, val metrics: bit for bit
     w = json.loads((tmp_path / "whole" / "summary.json").read_text())
     c = json.loads((tmp_path / "cut" / "summary.json").read_text())
-    assert w["val_loss"] == c["val_loss"] and w["fills"] == c["fills"]
+    assert w["val_loss"] == c["val_loss"] and w["fill_eval"]["examples"] == c["fill_eval"]["examples"]
 
 
 def test_rollback_on_injected_nan_and_spike(corpus_dir, tmp_path):

@@ -6,6 +6,7 @@ One module per command, each with ``main(argv) -> exit code``:
     fill       minglm/commands/fill.py      fill [MASK] / [sMASK] / [gMASK] blanks with a trained run
     finetune   minglm/commands/finetune.py  cloze fine-tuning (genre of a Shakespeare passage), full and LoRA
     eval       minglm/commands/eval.py      the fill benchmark of a run against word-counting baselines
+    bundle     minglm/commands/bundle.py    make a finished run the bundled course model (minglm/course.py)
     sample     minglm/commands/sample.py    print one sample of a corpus: Part A, Part B, positions, mask
     plot       minglm/commands/plot.py      pictures: mask, positions, spans, loss, attention
     export     minglm/commands/export.py    a run's weights as .npz under the official GLM (or SAT) names
@@ -29,6 +30,7 @@ COMMANDS = {
     "fill": "fill the blanks of a text with a trained run",
     "finetune": "cloze fine-tuning on the Shakespeare genre task (full and LoRA)",
     "eval": "benchmarks of a trained run: `eval fill RUN` against word-counting baselines",
+    "bundle": "make a finished run the bundled course model (weights, tokenizer, config, manifest)",
     "sample": "print one blank-infilling sample of a corpus: Part A, Part B, positions, mask",
     "plot": "draw masks, positions, span lengths, loss curves, attention weights",
     "export": "write a run's weights under the official GLM or SAT parameter names",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from minglm.config import TrainConfig, apply_overrides, field_types, load_config
 from minglm.data.corpus import encode_corpus, load_corpus
 from minglm.data.loader import BlockLoader, iter_eval_batches
 from minglm.data.objectives import GLM_PRESETS
-from minglm.generate import Sampling, fill
+from minglm.fill_eval import candidate_lines, evaluate_fill, format_report
 from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
 from minglm.runs import run_meta
@@ -40,46 +39,28 @@ from minglm.train import Trainer, unigram_baseline
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
 
 # --------------------------------------------------------------------------------------------------------------
-# The end of a run: held-out lines filled by the model
+# The end of a run: the fill benchmark (minglm/fill_eval.py) on held-out lines
 # --------------------------------------------------------------------------------------------------------------
 
 
-def heldout_lines(docs: list[str], n: int, rng: np.random.Generator, max_chars: int = 90) -> list[tuple[str, str]]:
-    """``n`` (text with one word replaced by [MASK], the word) pairs from validation lines of at most ``max_chars``
-    characters (and at least half that), so that a line fits the positions the model was trained on."""
-    lines = [ln.strip() for d in docs for ln in d.splitlines()]
-    lo = max_chars // 2
-    lines = [ln for ln in lines if lo <= len(ln) <= max_chars and "[" not in ln
-             and sum(c.isalpha() for c in ln) >= 0.6 * lo]
-    out = []
-    if not lines or n == 0:
-        return out
-    for i in rng.permutation(len(lines))[: 4 * n]:
-        line = lines[int(i)]
-        words = [m for m in re.finditer(r"[A-Za-z']{3,9}", line) if m.start() > 0]
-        if not words:
-            continue
-        w = words[int(rng.integers(len(words)))]
-        out.append((line[: w.start()] + "[MASK]" + line[w.end():], w.group()))
-        if len(out) == n:
-            break
-    return out
+def end_of_run_fill_eval(model, tokenizer, corpus, cfg: TrainConfig, say=print) -> dict | None:
+    """Score the model's greedy fills against the two counting baselines, print the table, and return it.
 
-
-def show_fills(model, tokenizer, pairs, say=print, max_new: int = 12) -> list[dict]:
-    """Fill each held-out line greedily (at most ``max_new`` tokens) and print the fill beside the truth."""
+    The sizes are ``cfg.fill_words`` and ``cfg.fill_spans``, scaled down together when the validation documents
+    have fewer usable lines (a small corpus of your own); None when there are none or both sizes are 0.
+    """
+    want = cfg.fill_words + cfg.fill_spans
+    have = len(candidate_lines(corpus.val))
+    if want == 0 or have == 0:
+        return None
+    scale = min(1.0, have / want)
+    n_word, n_span = int(cfg.fill_words * scale), int(cfg.fill_spans * scale)
     model.eval()
-    rows = []
-    for text, truth in pairs:
-        got = fill(model, tokenizer, text, Sampling(greedy=True, max_new_tokens=max_new)).fills[0]
-        rows.append({"text": text, "truth": truth, "fill": got})
+    report = evaluate_fill(model, tokenizer, corpus.train, corpus.val, n_word=n_word, n_span=n_span,
+                           n_examples=cfg.fill_lines)
     model.train()
-    if rows:
-        say("held-out lines: [MASK] filled greedily by the model  (fill | truth)")
-        for r in rows:
-            mark = "=" if r["fill"] == r["truth"] else " "
-            say(f"  {r['text']}\n      model {r['fill']!r:14} {mark} truth {r['truth']!r}")
-    return rows
+    say(format_report(report))
+    return report.to_dict()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,10 +303,7 @@ def _run(args, t_main: float) -> int:
         "step": trainer.step, **trainer.evaluate()}
     base_loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective, **data_kw)
     unigram = unigram_baseline(base_loader, val_batches, tokenizer.vocab_size)
-    # a character tokenizer: [CLS] + line + <eos> must fit in the seq_len positions seen in training
-    max_chars = min(90, cfg.seq_len - 6)
-    pairs = heldout_lines(corpus.val, cfg.fill_lines, np.random.default_rng(VAL_SEED), max_chars=max_chars)
-    fills = show_fills(model, tokenizer, pairs, say=say)
+    fill_report = end_of_run_fill_eval(model, tokenizer, corpus, cfg, say=say)
     steps_done = [r for r in trainer.records if "loss" in r]
     summary = {
         "run": str(run_dir), "steps": trainer.step, "stop_reason": reason, "rollbacks": trainer.rollbacks,
@@ -336,13 +314,16 @@ def _run(args, t_main: float) -> int:
         "unigram_note": "unigram of Part-B target ids counted over 64 train batches (add-one smoothed), "
                         "scored on the same validation Part-B targets as val_loss",
         "val_over_unigram": final.get("val_loss", float("nan")) / unigram,
-        "fills": fills,
+        "fill_eval": fill_report,
     }
     write_json_atomic(run_dir / "summary.json", summary)
     if cfg.plots:
         viz.save_run_plots(run_dir)  # a plot that fails is skipped with a warning, never the run
     val_loss = final.get("val_loss", float("nan"))
+    fills = ""
+    if fill_report:
+        word = {name: fill_report["scores"][name]["word"]["exact"] for name in ("model", "n-gram")}
+        fills = f"; one-word fills {100 * word['model']:.1f} % exact (n-gram {100 * word['n-gram']:.1f} %)"
     print(f"done: {trainer.step} steps in {train_s:.0f} s ({reason}); val loss {val_loss:.3f}"
-          f" vs unigram {unigram:.3f} (ratio {summary['val_over_unigram']:.2f}); val acc "
-          f"{final.get('val_acc', float('nan')):.3f}; run folder {run_dir}")
+          f" vs unigram {unigram:.3f} (ratio {summary['val_over_unigram']:.2f}){fills}; run folder {run_dir}")
     return 0
