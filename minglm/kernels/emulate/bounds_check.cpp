@@ -7,9 +7,9 @@
 // (t >= len_b) with NaN, and checks that the outputs are finite and that padded rows of o, lse, dq, dk, dv are
 // exactly 0. Prints one line per case and schedule; exits 1 on any failure (and the sanitizers abort with their
 // own report on a bad access).
-#include <cstdlib>
+#include "emulate_main.cpp"  // first: cuda_emulation.h must come before any system header
 
-#include "emulate_main.cpp"
+#include <cstdlib>
 
 namespace {
 
