@@ -240,3 +240,14 @@ def test_bench_smoke(capsys):
     assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("| yes |") == 3 and "| NO |" not in out and "python / other" in out
+
+
+@pytest.mark.parametrize("kind", ["fast", "cached"])
+def test_a_step_out_of_range_is_a_clear_error(kind):
+    """The fast step skips the model's array checks; its own checks still refuse ids that would index silently."""
+    model = small_model(max_len=16)
+    dec = G.make_decoder(model, 12, kind)
+    dec.prefill(np.array([TOK.cls_id, TOK.mask_id, TOK.eos_id]))
+    for bad in ((TOK.sop_id, 17, 1), (TOK.sop_id, 1, -1), (TOK.vocab_size, 1, 1)):
+        with pytest.raises(ValueError, match="out of range"):
+            dec.step(*bad)
