@@ -128,9 +128,9 @@ TRAIN_PRESETS = {
     "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
                  mask_ratio=0.15, device="gpu"),
     # the course model: whole-word blanks over byte-level BPE (2,000 ids keep the weights under 15 MB), mostly
-    # one word long (Poisson 1), 25 % of each window; 5,000 steps of 16 x 128 tokens, capped at 55 minutes
+    # one word long (Poisson 1), 25 % of each window; 3,000 steps of 16 x 128 tokens, capped at 55 minutes
     "course": dict(tokenizer="bpe", bpe_vocab=2000, span_unit="word", span_lambda=1.0, mask_ratio=0.25,
-                   seq_len=128, batch_size=16, steps=5000, lr=1e-3, warmup=200, eval_every=500, ckpt_every=500,
+                   seq_len=128, batch_size=16, steps=3000, lr=1e-3, warmup=200, eval_every=500, ckpt_every=500,
                    time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=270.0),
