@@ -222,7 +222,7 @@ print(textwrap.dedent("\n".join(line for line in source[start:stop + 1] if "#pra
 
 # %% [markdown]
 # A CPU cannot run CUDA, but it can check the CUDA *source*: `python -m minglm.kernels.nvrtc_check` compiles it with
-# NVRTC (the compiler CuPy uses) for A100 and H100 in CI, and `minglm.kernels.emulate` builds the unchanged `.cu`
+# NVRTC (the compiler CuPy uses) for T4, A100 and H100 in CI, and `minglm.kernels.emulate` builds the unchanged `.cu`
 # file with g++ and runs its threads as fibers. When g++ is here, compare the emulated CUDA kernel with the twin:
 
 # %%
