@@ -40,8 +40,9 @@ class TrainConfig:
     # "word" is a named deviation from GLM (whose spans are over word pieces): spans cover whole words with their
     # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler)
     span_lambda: float = 3.0  # Poisson mean of a token-level span's length (GLM: 3), in span_unit units
-    tokenizer: str = "char"  # char | bpe (byte-level BPE trained on the train documents at the start of the run)
-    bpe_vocab: int = 4096  # ids of the BPE tokenizer, specials and the 256 bytes included
+    tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
+    # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
+    bpe_vocab: int = 4096  # ids of the bpe or word tokenizer, specials and the 256 bytes included
     val_fraction: float = 0.1  # share of documents held out for validation (split by document, seeded)
     seq_len: int = 64  # tokens per window before blanking (Part A + Part B is a little longer)
     batch_size: int = 8  # windows per micro-batch. On 2 cores, progress went with the number of steps much more
@@ -107,8 +108,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
         if self.span_unit not in ("token", "word"):
             raise ValueError(f"TrainConfig.span_unit must be token or word, got {self.span_unit!r}")
-        if self.tokenizer not in ("char", "bpe"):
-            raise ValueError(f"TrainConfig.tokenizer must be char or bpe, got {self.tokenizer!r}")
+        if self.tokenizer not in ("char", "bpe", "word"):
+            raise ValueError(f"TrainConfig.tokenizer must be char, bpe or word, got {self.tokenizer!r}")
         if not isinstance(self.bpe_vocab, int) or isinstance(self.bpe_vocab, bool) or self.bpe_vocab < 264:
             raise ValueError(f"TrainConfig.bpe_vocab must be an integer >= 264 (8 specials + 256 bytes), "
                              f"got {self.bpe_vocab!r}")

@@ -351,13 +351,89 @@ class BPETokenizer(_SpecialIds):
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
 
 
-def load_tokenizer(path) -> CharTokenizer | BPETokenizer:
+class WordTokenizer(_SpecialIds):
+    """Whole words with a byte fallback: 8 specials, the 256 bytes (ids 8..263), then the most frequent pieces.
+
+    The text is cut into the same pieces as BPE's (a word with its leading space, `` the``; a run of punctuation;
+    spaces), and every piece seen often enough in training gets an id of its own; any other piece is spelled in
+    its UTF-8 bytes, so nothing is ever unknown. A blank over one common word is then one token and ``<eop>``: the
+    model chooses a word instead of spelling it, which is what the fill benchmark scores. Training is one count.
+
+    What it leaves out: sub-word units for rare words (BPE's merges), so a rare word costs a few byte tokens.
+    """
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = list(pieces)
+        self.token_bytes: list[bytes] = [s.encode() for s in SPECIAL_TOKENS] + [bytes([b]) for b in range(256)]
+        self.token_bytes += [p.encode("utf-8") for p in self.pieces]
+        self.vocab_size = len(self.token_bytes)
+        self._ids = {p: N_SPECIAL + 256 + i for i, p in enumerate(self.pieces)}
+        if len(self._ids) != len(self.pieces) or any(len(p.encode("utf-8")) < 2 for p in self.pieces):
+            raise ValueError("WordTokenizer: pieces must be distinct and longer than one byte")
+        self.last_unknown = 0  # bytes cover everything
+
+    @classmethod
+    def train(cls, texts, vocab_size: int = 4096, min_frequency: int = 2) -> WordTokenizer:
+        """Keep the ``vocab_size - 264`` most frequent pieces of two or more bytes (ties by first appearance)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if vocab_size < N_SPECIAL + 256:
+            raise ValueError(f"WordTokenizer.train: vocab_size must be >= {N_SPECIAL + 256}, got {vocab_size}")
+        counts: Counter[str] = Counter()
+        for t in texts:
+            counts.update(_PRETOKEN_RE.findall(t))
+        keep = [p for p, c in counts.most_common() if c >= min_frequency and len(p.encode("utf-8")) >= 2]
+        return cls(keep[: vocab_size - N_SPECIAL - 256])
+
+    def encode_array(self, text: str) -> np.ndarray:
+        out: list[int] = []
+        for part in self._split_specials(text):
+            if isinstance(part, int):
+                out.append(part)
+                continue
+            for piece in _PRETOKEN_RE.findall(part):
+                i = self._ids.get(piece)
+                if i is None:
+                    out.extend(_BYTE0 + b for b in piece.encode("utf-8"))
+                else:
+                    out.append(i)
+        return np.array(out, dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def count_unknown(self, text: str) -> int:
+        """Always 0: every byte has an id."""
+        return 0
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        ids = _checked_ids(ids, self.vocab_size, "WordTokenizer.decode", skip_special)
+        return b"".join(self.token_bytes[i] for i in ids.tolist()).decode("utf-8", errors="replace")
+
+    def save(self, path) -> None:
+        data = {"type": "word", "special_tokens": SPECIAL_TOKENS, "pieces": self.pieces}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path) -> WordTokenizer:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("type") != "word" or data.get("special_tokens") != SPECIAL_TOKENS:
+            raise ValueError(f"WordTokenizer.load: {path} is not a minglm word tokenizer file")
+        return cls(list(data["pieces"]))
+
+    def __repr__(self) -> str:
+        return f"WordTokenizer(vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path) -> CharTokenizer | BPETokenizer | WordTokenizer:
     """Load either tokenizer from its JSON file (the "type" field says which)."""
     kind = json.loads(Path(path).read_text(encoding="utf-8")).get("type")
     if kind == "char":
         return CharTokenizer.load(path)
     if kind == "bpe":
         return BPETokenizer.load(path)
+    if kind == "word":
+        return WordTokenizer.load(path)
     raise ValueError(f"load_tokenizer: {path} has unknown tokenizer type {kind!r}")
 
 

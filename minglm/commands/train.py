@@ -33,7 +33,7 @@ from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
 from minglm.runs import run_meta
 from minglm.tensor import Tensor
-from minglm.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+from minglm.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
 from minglm.train import Trainer, unigram_baseline
 
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
@@ -168,6 +168,8 @@ def make_tokenizer(cfg: TrainConfig, corpus):
     """A new run's tokenizer: every character of the corpus, or byte-level BPE learned on the train documents."""
     if cfg.tokenizer == "bpe":
         return BPETokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
+    if cfg.tokenizer == "word":
+        return WordTokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
     return CharTokenizer.from_texts(corpus.docs)
 
 
