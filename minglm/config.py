@@ -36,9 +36,10 @@ class TrainConfig:
     mask_ratio: float = 0.5  # share of each window blanked by glm-* and bert. GLM uses 0.15 (the small/base
     # presets keep it); more Part-B targets per step learned much faster in the few CPU minutes of the main job:
     # val loss after 4000 steps 2.07 at 0.3 and 1.8 at 0.5 (measured; 0.15 was still at 2.3-2.5)
-    span_unit: str = "token"  # token | word: what a span length counts for the glm-* token-level blanks.
+    span_unit: str = "token"  # token | word | known_word: what a span length counts for the glm-* token blanks.
     # "word" is a named deviation from GLM (whose spans are over word pieces): spans cover whole words with their
-    # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler)
+    # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler);
+    # "known_word" also starts and ends them only at words the vocabulary holds as one token
     span_lambda: float = 3.0  # Poisson mean of a token-level span's length (GLM: 3), in span_unit units
     tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
     # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
@@ -106,8 +107,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
         if not self.span_lambda > 0 or self.span_lambda == float("inf"):
             raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
-        if self.span_unit not in ("token", "word"):
-            raise ValueError(f"TrainConfig.span_unit must be token or word, got {self.span_unit!r}")
+        if self.span_unit not in ("token", "word", "known_word"):
+            raise ValueError(f"TrainConfig.span_unit must be token, word or known_word, got {self.span_unit!r}")
         if self.tokenizer not in ("char", "bpe", "word"):
             raise ValueError(f"TrainConfig.tokenizer must be char, bpe or word, got {self.tokenizer!r}")
         if not isinstance(self.bpe_vocab, int) or isinstance(self.bpe_vocab, bool) or self.bpe_vocab < 264:

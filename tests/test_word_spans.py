@@ -72,7 +72,7 @@ def test_word_objective_builds_valid_samples(seed, ratio):
 def test_word_unit_needs_the_tokenizer_and_a_known_name():
     with pytest.raises(ValueError, match="span_unit='word' needs the tokenizer"):
         make_objective("glm-base", None, span_unit="word")
-    with pytest.raises(ValueError, match="span_unit must be 'token' or 'word'"):
+    with pytest.raises(ValueError, match="span_unit must be 'token', 'word' or 'known_word'"):
         make_objective("glm-base", _tokenizers()[0], span_unit="letter")
 
 
@@ -93,3 +93,19 @@ def test_span_lambda_sets_the_poisson_mean_of_span_lengths():
     assert abs(means[1.0] - 1.58) < 0.15 and abs(means[3.0] - 3.16) < 0.3
     with pytest.raises(ValueError, match="span_lambda"):
         make_objective("glm-base", tok, span_lambda=0.0)
+
+
+def test_known_word_spans_start_and_end_at_words_the_vocabulary_holds():
+    from minglm.tokenizer import WordTokenizer
+
+    tok = WordTokenizer.train([TEXT * 3], vocab_size=N_KEEP)
+    ids = np.array([CLS_ID, *tok.encode(TEXT + " Zounds, quoth Falstaff, the nobler mind"), EOS_ID])
+    known = set(range(8 + 256, tok.vocab_size))
+    sampler = WordSpanSampler(*word_edge_tables(tok), known_only=True, ratio=0.3, lam=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        for a, b in sampler(ids, rng):
+            assert ids[a] in known and ids[b - 1] in known, tok.decode(ids[a:b])
+
+
+N_KEEP = 8 + 256 + 20

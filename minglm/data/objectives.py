@@ -71,14 +71,16 @@ class GLMObjective:
     sampler: TokenSpanSampler = field(default_factory=TokenSpanSampler, repr=False)
 
     def __post_init__(self):
-        if self.span_unit not in ("token", "word"):
-            raise ValueError(f"GLMObjective.span_unit must be 'token' or 'word', got {self.span_unit!r}")
+        if self.span_unit not in ("token", "word", "known_word"):
+            raise ValueError(f"GLMObjective.span_unit must be 'token', 'word' or 'known_word', got {self.span_unit!r}")
         if not self.span_lambda > 0:
             raise ValueError(f"GLMObjective.span_lambda must be > 0, got {self.span_lambda!r}")
-        if self.span_unit == "word":
+        if self.span_unit in ("word", "known_word"):
             if self.word_edges is None:
-                raise ValueError("GLMObjective: span_unit='word' needs the tokenizer (make_objective(name, tokenizer))")
-            self.sampler = WordSpanSampler(*self.word_edges, lam=self.span_lambda)
+                raise ValueError(f"GLMObjective: span_unit={self.span_unit!r} needs the tokenizer "
+                                 "(make_objective(name, tokenizer))")
+            self.sampler = WordSpanSampler(*self.word_edges, known_only=self.span_unit == "known_word",
+                                           lam=self.span_lambda)
         elif self.span_lambda != 3.0:
             self.sampler = TokenSpanSampler(lam=self.span_lambda)
         if not (0 <= self.bert_prob and 0 <= self.sentence_prob and self.bert_prob + self.sentence_prob <= 1 + 1e-9):
@@ -284,7 +286,7 @@ def make_objective(name: str = "glm-base", tokenizer=None, **overrides) -> Objec
             raise ValueError(f"make_objective: unknown GLMObjective fields {sorted(unknown)}; "
                              f"allowed {sorted(allowed)}")
         table = sentence_end_table(tokenizer) if tokenizer is not None else None
-        if params.get("span_unit") == "word" and tokenizer is not None:
+        if params.get("span_unit") in ("word", "known_word") and tokenizer is not None:
             params["word_edges"] = word_edge_tables(tokenizer)
         return GLMObjective(name=name, vocab_size=vocab_size, sentence_end=table, **params)
     cls = {"bert": BertObjective, "gpt": GPTObjective, "prefix": PrefixLMObjective, "t5": T5Objective}.get(name)

@@ -179,9 +179,11 @@ class WordSpanSampler(TokenSpanSampler):
     blanks, which is a whole word or a few.
     """
 
-    def __init__(self, first_letter: np.ndarray, joins_word: np.ndarray, has_letter: np.ndarray, **kwargs):
+    def __init__(self, first_letter: np.ndarray, joins_word: np.ndarray, has_letter: np.ndarray,
+                 known_only: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.first_letter, self.joins_word, self.has_letter = first_letter, joins_word, has_letter
+        self.known_only = known_only  # spans start and end only at words the vocabulary holds as one token
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -194,6 +196,8 @@ class WordSpanSampler(TokenSpanSampler):
         # a word unit holds a letter: a first token with one, or more than one token (letters joined on)
         length = np.diff(np.append(offsets, len(tokens)))
         word = self.has_letter[tokens[offsets]] | (length > 1)  # (U,)
+        if self.known_only:  # a word spelled in pieces or bytes is never a span's first or last word
+            word = self.has_letter[tokens[offsets]] & (length == 1)
         idx = np.arange(len(offsets))
         next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]  # first word unit >= i
         prev_word = np.maximum.accumulate(np.where(word, idx, -1))  # last word unit <= i
