@@ -66,7 +66,8 @@ if RUN is None:
     name = "lesson4-fast" if FAST else "lesson4-tiny"
     RUN = RUNS / name
     if not (RUN / "ckpt").is_dir():
-        args = ["--out", str(RUNS), "--name", name, "--quiet", "--set", "fill_lines=0", "--set", "eval_batches=2"]
+        args = ["--out", str(RUNS), "--name", name, "--quiet", "--set", "fill_words=0", "--set", "fill_spans=0",
+                "--set", "eval_batches=2"]
         if FAST:
             args += ["--steps", "300", "--set", "model.n_layer=2", "--set", "model.d_model=64",
                      "--set", "model.n_head=4", "--set", "seq_len=64", "--set", "lr=5e-3", "--set", "warmup=20"]
@@ -180,12 +181,29 @@ print(format_steps(two, tok))
 # ## 6. `[gMASK]`: generation after a prompt
 #
 # A text without a blank gets `[gMASK]` appended: the whole continuation is one span after a bidirectional
-# prompt. Sampling with a temperature and top-k (with our own seeded generator) gives varied continuations.
+# prompt. The model above never saw `[gMASK]` in training (the default objective, `glm-base`, blanks spans with
+# `[MASK]` only), and `python -m minglm fill` warns about that. A model that learned `[gMASK]` needs GLM's
+# multi-task objective:
+# `--objective glm-10b` mixes word spans with `[sMASK]` sentences and `[gMASK]` document endings. This cell trains
+# one (in fast mode a small one for a few hundred steps, enough for the mechanics, not for good English), then
+# samples with a temperature and top-k from our own seeded generator.
 
 # %%
+name = "lesson4-multitask-fast" if FAST else "lesson4-multitask"
+MULTI = RUNS / name
+if not (MULTI / "ckpt").is_dir():
+    args = ["--out", str(RUNS), "--name", name, "--quiet", "--objective", "glm-10b", "--set", "fill_words=0",
+            "--set", "fill_spans=0", "--set", "eval_batches=2", "--set", "plots=false"]
+    if FAST:
+        args += ["--steps", "300", "--set", "model.n_layer=2", "--set", "model.d_model=64",
+                 "--set", "model.n_head=4", "--set", "seq_len=64", "--set", "lr=5e-3", "--set", "warmup=20"]
+    assert train_command.main(args) == 0, "training failed"
+multi, multi_tok = load_run(MULTI)
+
 rng = np.random.default_rng(0)
 for temperature in (0.5, 1.0):
-    out = fill(model, tok, "ROMEO:\n", Sampling(temperature=temperature, top_k=10, max_new_tokens=40), rng=rng)
+    out = fill(multi, multi_tok, "ROMEO:\n", Sampling(temperature=temperature, top_k=10, max_new_tokens=40),
+               rng=rng)
     print(f"temperature {temperature}: {out.fills[0]!r}  (stopped: {out.stop_reasons[0]})")
 
 # %% [markdown]

@@ -67,8 +67,8 @@ class TrainConfig:
     seed: int = 0  # one numpy Generator for init, data order, blanks and dropout
     device: str = "auto"  # auto | cpu | gpu
     time_limit: float = 0.0  # seconds of training after which the run stops early and saves (0 = no limit;
-    # the tiny preset sets 270 so that the main job, with its start, final evaluation and fills, stays within
-    # 5 minutes on a slow or busy machine; on a busy 2-core machine 3,600 steps took 233-240 s)
+    # the tiny preset sets 240 so that the main job, with its start, final evaluation and the fill benchmark
+    # (about 30 s idle, 100 s on a machine busy with three other jobs), stays near 5 minutes on a busy machine)
     # loss-spike guard: roll back to the last checkpoint when the loss is not finite or jumps above the median
     spike_factor: float = 3.0  # a loss above factor × median of the recent window is a spike (0 = only NaN/inf)
     spike_window: int = 50  # how many recent accepted losses the median is taken over
@@ -124,7 +124,7 @@ class TrainConfig:
 # Training presets that go with GLMConfig.PRESETS. tiny: the CPU main job; small: docs/performance.md's benchmark
 # config (about 0.4 s a step on 2 cores, so runs are longer); base: a GPU.
 TRAIN_PRESETS = {
-    "tiny": dict(time_limit=270.0),
+    "tiny": dict(time_limit=240.0),
     "small": dict(seq_len=256, batch_size=8, steps=2000, lr=1e-3, warmup=100, eval_every=200, ckpt_every=500,
                   mask_ratio=0.15),
     "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
@@ -135,7 +135,7 @@ TRAIN_PRESETS = {
                    seq_len=128, batch_size=16, steps=3000, lr=1e-3, warmup=200, eval_every=500, ckpt_every=500,
                    time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
-    "glm-130b": dict(objective="glm-130b", time_limit=270.0),
+    "glm-130b": dict(objective="glm-130b", time_limit=240.0),
 }
 
 

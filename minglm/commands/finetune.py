@@ -16,10 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
+from minglm.commands import train as train_command
 from minglm.finetune import DEFAULT_PATTERN, GENRES, ClozeScorer, ClozeTask, finetune, genre_task
 from minglm.lora import apply_lora, lora_summary, save_lora
 from minglm.prefix import apply_prefix, prefix_summary
-from minglm.runs import load_run, resolve_run
+from minglm.runs import load_run, newest_run
+
+
+def _train_quick_run(out: Path, steps: int, say) -> Path:
+    """No pretrained run was found: train the tiny config for ``steps`` steps (a few CPU minutes)."""
+    name = f"finetune-base-{int(time.time())}"
+    say(f"no run under {out}/: training a quick one ({steps} steps of the tiny config) into {out / name}")
+    code = train_command.main(["--steps", str(steps), "--out", str(out), "--name", name, "--quiet"])
+    if code != 0:
+        raise RuntimeError(f"finetune: the quick pretraining run failed (exit code {code})")
+    return out / name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m minglm finetune",
         description="Cloze fine-tuning (GLM paper §3.1) on the genre of Shakespeare passages, split by play: "
                     "majority baseline, zero-shot, full fine-tuning, LoRA and prefix tuning.")
-    ap.add_argument("--run", default="course",
-                    help="pretrained run folder or checkpoint (default: course, the model that comes with minglm)")
+    ap.add_argument("--run", help="pretrained run folder or checkpoint (default: the newest run under --out; "
+                                  "if there is none, a quick tiny run is trained first)")
+    ap.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="steps of the quick run when none exists")
     ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="the cloze pattern with {text} and one [MASK]")
     ap.add_argument("--verbalizers", default=None,
                     help="comma-separated words for comedy,tragedy,history (default: comedy,tragedy,history)")
@@ -64,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     say = print
     t_start = time.perf_counter()
-    run, _ = resolve_run(args.run)  # the run folder ("course": the bundled model)
-    model, tokenizer = load_run(args.run)
+    run = Path(args.run) if args.run else newest_run(args.out)
+    if run is None:
+        run = _train_quick_run(Path(args.out), args.pretrain_steps, say)
+    model, tokenizer = load_run(run)
     max_len = model.config.max_len
     words = args.verbalizers.split(",") if args.verbalizers else list(GENRES.values())
     if len(words) != len(GENRES):
