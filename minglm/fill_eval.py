@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from minglm.generate import Sampling, fill
+
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 BOS, EOS = "<s>", "</s>"  # line boundaries for the n-gram's left and right words
 FILL_SEED = 2024  # the default blank set's seed
@@ -217,8 +219,6 @@ FILLERS = ("model", "n-gram", "most frequent")
 
 def model_fills(model, tokenizer, blanks: list[Blank], max_new: int = 40) -> list[str]:
     """The model's greedy fill of each blank (at most ``max_new`` tokens), trimmed of surrounding spaces."""
-    from minglm.generate import Sampling, fill  # the use layer, imported when a model is scored
-
     out = []
     for b in blanks:
         result = fill(model, tokenizer, b.text, Sampling(greedy=True, max_new_tokens=max_new), n_top=0)
