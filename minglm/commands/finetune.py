@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--prefix-len", type=int, default=16, help="keys and values per layer of prefix tuning (0 = skip)")
-    ap.add_argument("--prefix-lr", type=float, default=1e-2, help="learning rate of prefix tuning")
+    ap.add_argument("--prefix-lr", type=float, default=3e-2, help="learning rate of prefix tuning")
     ap.add_argument("--length-penalty", type=float, default=0.0, help="divide multi-token scores by (k+1)^p")
     ap.add_argument("--mode", choices=("multi", "first", "single", "auto"), default="multi",
                     help="multi (default): sum of log-probs of the whole verbaliser words and <eop>; first: "
