@@ -50,7 +50,8 @@ class Checkpoint:
     info: dict = field(default_factory=dict)  # the whole JSON record
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -135,7 +136,7 @@ def save_checkpoint(directory, step: int, arrays: dict, meta: dict, keep: int | 
         "version": VERSION,
         "step": step,
         "npz": npz_path.name,
-        "sha256": _sha256(npz_path),
+        "sha256": sha256_file(npz_path),
         "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str} for k, v in host.items()},
         "meta": meta,
     }
@@ -204,7 +205,7 @@ def verify_checkpoint(json_path) -> dict:
         raise CheckpointError(f"load_checkpoint: {json_path} names an npz outside its folder: {record['npz']!r}")
     if not npz_path.is_file():
         raise CheckpointError(f"load_checkpoint: {npz_path} is missing (named by {json_path.name})")
-    digest = _sha256(npz_path)
+    digest = sha256_file(npz_path)
     if digest != record["sha256"]:
         raise CheckpointError(
             f"load_checkpoint: {npz_path} is corrupt or torn: SHA-256 {digest[:12]}… does not match the recorded "

@@ -10,26 +10,17 @@ The checkpoint of the bundle holds the weights only (no optimizer state), which 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
-from minglm.checkpoint import CheckpointError, write_json_atomic
+from minglm.checkpoint import CheckpointError, sha256_file, write_json_atomic
 from minglm.runs import BUNDLED_RUNS, load_run, save_run
 
 COURSE_NAME = "course"  # what a user types: python -m minglm fill course "..."
 COURSE_DIR = BUNDLED_RUNS[COURSE_NAME]
 MANIFEST = "MANIFEST.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit(where: Path) -> str | None:
