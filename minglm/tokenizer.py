@@ -328,7 +328,7 @@ class BPETokenizer(_SpecialIds):
         return 0
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        ids = _checked_ids(ids, self.vocab_size, "BPETokenizer.decode", skip_special)
+        ids = _checked_ids(ids, self.vocab_size, f"{type(self).__name__}.decode", skip_special)
         return b"".join(self.token_bytes[i] for i in ids.tolist()).decode("utf-8", errors="replace")
 
     @property
@@ -399,16 +399,10 @@ class WordTokenizer(_SpecialIds):
                     out.append(i)
         return np.array(out, dtype=np.int32)
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def count_unknown(self, text: str) -> int:
-        """Always 0: every byte has an id."""
-        return 0
-
-    def decode(self, ids, skip_special: bool = False) -> str:
-        ids = _checked_ids(ids, self.vocab_size, "WordTokenizer.decode", skip_special)
-        return b"".join(self.token_bytes[i] for i in ids.tolist()).decode("utf-8", errors="replace")
+    # byte-level like BPE: the same id list, bytes behind every id, nothing unknown
+    encode = BPETokenizer.encode
+    count_unknown = BPETokenizer.count_unknown
+    decode = BPETokenizer.decode
 
     def save(self, path) -> None:
         data = {"type": "word", "special_tokens": SPECIAL_TOKENS, "pieces": self.pieces}
