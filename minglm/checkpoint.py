@@ -10,7 +10,10 @@ Why it is crash-safe: each file is written to a temporary file *in the same fold
 ``os.replace``'d onto its final name (an atomic rename on POSIX). The JSON is written last and acts as the commit
 record: a crash before it leaves no JSON (the pair is ignored), and a crash that leaves a JSON beside a different or
 torn npz is caught by the SHA-256. ``load_checkpoint`` checks the hash, the array names, shapes and dtypes, and
-(when asked) the config and vocabulary *before* returning anything, so a caller never half-loads a model.
+(when asked) the config and vocabulary *before* returning anything, so a caller never half-loads a model. The record
+must also agree with itself: its step with its file name and with ``meta["step"]`` (an edited step would resume at
+the wrong point). No write ever goes through a symbolic link (``atomic_write`` refuses one): a link planted in a
+run folder cannot redirect a write to a file elsewhere.
 
 A model and its tokenizer are loaded from a run folder by ``minglm.runs.load_run``, built on ``load_checkpoint``.
 Left out: sharded checkpoints, safetensors, async saving and cloud storage. Reference: NumPy's
@@ -73,8 +76,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it onto ``path`` atomically."""
+def atomic_write(path, write) -> Path:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it onto ``path`` atomically.
+
+    A ``path`` that is a symbolic link is refused: writing through it would change a file somewhere else (a link
+    planted in a run folder must never redirect a write). The rename replaces only the name in this folder.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)!r})")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,13 +99,14 @@ def _atomic_write(path: Path, write) -> None:
         except OSError:
             pass
         raise
+    return path
 
 
 def write_json_atomic(path, obj, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (also used for config.json and summary.json)."""
     path = Path(path)
     data = (json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def checkpoint_steps(directory) -> list[int]:
@@ -130,7 +141,7 @@ def save_checkpoint(directory, step: int, arrays: dict, meta: dict, keep: int | 
     step = int(step)
     npz_path = directory / f"step_{step}.npz"
     json_path = directory / f"step_{step}.json"
-    _atomic_write(npz_path, lambda f: np.savez(f, **host))
+    atomic_write(npz_path, lambda f: np.savez(f, **host))
     record = {
         "format": FORMAT,
         "version": VERSION,
@@ -193,38 +204,68 @@ def _read_record(json_path: Path) -> dict:
     for key in ("step", "npz", "sha256", "arrays", "meta"):
         if key not in record:
             raise CheckpointError(f"load_checkpoint: {json_path} lacks the field {key!r}")
+    # the record must agree with itself: an edited step would resume at the wrong point of the schedule and the data
+    named = _NAME_RE.match(json_path.name)
+    step = record["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or (named and int(named.group(1)) != step):
+        raise CheckpointError(f"load_checkpoint: {json_path} records step {step!r}, its file name says "
+                              f"{named.group(1) if named else '?'}")
+    meta = record["meta"]
+    if not isinstance(meta, dict) or not isinstance(record["arrays"], dict):
+        raise CheckpointError(f"load_checkpoint: {json_path} has a meta or arrays field that is not an object")
+    if "step" in meta and meta["step"] != step:
+        raise CheckpointError(f"load_checkpoint: {json_path} records step {step} but its meta says step "
+                              f"{meta['step']!r}")
     return record
+
+
+def _check_digest(json_path: Path, record: dict, npz_path: Path, digest: str) -> None:
+    if digest != record["sha256"]:
+        raise CheckpointError(
+            f"load_checkpoint: {npz_path} is corrupt or torn: SHA-256 {digest[:12]}… does not match the recorded "
+            f"{record['sha256'][:12]}… in {json_path.name}"
+        )
+
+
+def _npz_path(json_path: Path, record: dict) -> Path:
+    if not isinstance(record["npz"], str) or Path(record["npz"]).name != record["npz"]:
+        raise CheckpointError(f"load_checkpoint: {json_path} names an npz outside its folder: {record['npz']!r}")
+    npz_path = json_path.parent / record["npz"]
+    if not npz_path.is_file():
+        raise CheckpointError(f"load_checkpoint: {npz_path} is missing (named by {json_path.name})")
+    return npz_path
 
 
 def verify_checkpoint(json_path) -> dict:
     """Check that the npz named by ``json_path`` exists and has the recorded SHA-256; return the record."""
     json_path = Path(json_path)
     record = _read_record(json_path)
-    npz_path = json_path.parent / record["npz"]
-    if Path(record["npz"]).name != record["npz"]:
-        raise CheckpointError(f"load_checkpoint: {json_path} names an npz outside its folder: {record['npz']!r}")
-    if not npz_path.is_file():
-        raise CheckpointError(f"load_checkpoint: {npz_path} is missing (named by {json_path.name})")
-    digest = sha256_file(npz_path)
-    if digest != record["sha256"]:
-        raise CheckpointError(
-            f"load_checkpoint: {npz_path} is corrupt or torn: SHA-256 {digest[:12]}… does not match the recorded "
-            f"{record['sha256'][:12]}… in {json_path.name}"
-        )
+    npz_path = _npz_path(json_path, record)
+    try:
+        digest = sha256_file(npz_path)
+    except OSError as e:  # removed or unreadable since the check above
+        raise CheckpointError(f"load_checkpoint: cannot read {npz_path} ({e.strerror})") from e
+    _check_digest(json_path, record, npz_path, digest)
     return record
+
+
+def checkpoint_problems(directory) -> tuple[Path | None, list[str]]:
+    """(the step_N.json of the newest checkpoint that verifies or None, why each newer one was skipped)."""
+    skipped = []
+    for step in reversed(checkpoint_steps(directory)):
+        path = Path(directory) / f"step_{step}.json"
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(str(e).removeprefix("load_checkpoint: "))
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def latest_checkpoint(directory) -> Path | None:
     """The step_N.json of the newest checkpoint in ``directory`` whose npz verifies, or None."""
-    directory = Path(directory)
-    for step in reversed(checkpoint_steps(directory)):
-        path = directory / f"step_{step}.json"
-        try:
-            verify_checkpoint(path)
-        except CheckpointError:
-            continue
-        return path
-    return None
+    return checkpoint_problems(directory)[0]
 
 
 def _check_expect(meta: dict, expect: dict, where: Path) -> None:
@@ -249,20 +290,33 @@ def load_checkpoint(path_or_dir, expect: dict | None = None, expect_arrays: dict
     failure raises ``CheckpointError`` and nothing has been touched.
     """
     json_path = _resolve(path_or_dir)
-    record = verify_checkpoint(json_path)
-    npz_path = json_path.parent / record["npz"]
+    record = _read_record(json_path)
+    npz_path = _npz_path(json_path, record)
+    # one open file for the hash and the arrays: a writer that replaces the npz meanwhile (os.replace) cannot make
+    # us verify one file and read another
     try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise CheckpointError(f"load_checkpoint: cannot read {npz_path} ({type(e).__name__}: {e})") from e
+        f = open(npz_path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise CheckpointError(f"load_checkpoint: cannot open {npz_path} ({e.strerror})") from e
+    with f:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        _check_digest(json_path, record, npz_path, h.hexdigest())
+        f.seek(0)
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise CheckpointError(f"load_checkpoint: cannot read {npz_path} ({type(e).__name__}: {e})") from e
     listed = record["arrays"]
     if set(arrays) != set(listed):
         missing, extra = sorted(set(listed) - set(arrays)), sorted(set(arrays) - set(listed))
         raise CheckpointError(f"load_checkpoint: {npz_path.name} arrays differ from the record "
                               f"(missing {missing[:5]}, unexpected {extra[:5]})")
     for k, a in arrays.items():
-        if list(a.shape) != listed[k]["shape"] or a.dtype.str != listed[k]["dtype"]:
+        if not isinstance(listed[k], dict) or list(a.shape) != listed[k].get("shape") \
+                or a.dtype.str != listed[k].get("dtype"):
             raise CheckpointError(f"load_checkpoint: array {k!r} is {a.dtype.str} {list(a.shape)}, the record says "
                                   f"{listed[k]['dtype']} {listed[k]['shape']}")
     meta = record["meta"]

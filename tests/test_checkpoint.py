@@ -142,3 +142,32 @@ def test_save_refuses_what_cannot_round_trip(tmp_path):
         save_checkpoint(tmp_path, 1, _arrays(), {"bad": object()})
     with pytest.raises(ValueError, match="step"):
         save_checkpoint(tmp_path, -1, _arrays(), {})
+
+
+def test_a_record_must_agree_with_its_file_name_and_its_meta(tmp_path):
+    """An edited meta.step = 999 was accepted and resumed at the wrong point of the schedule."""
+    save_checkpoint(tmp_path, 3, _arrays(3), {"step": 3})
+    path = save_checkpoint(tmp_path, 6, _arrays(6), {"step": 6})
+    record = json.loads(path.read_text())
+    record["meta"]["step"] = 999
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="meta says step 999"):
+        load_checkpoint(path)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_3.json"  # the newest that verifies
+    record["meta"]["step"] = record["step"] = 9
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="records step 9, its file name says 6"):
+        load_checkpoint(path)
+    path_problems = ck.checkpoint_problems(tmp_path)
+    assert path_problems[0] == tmp_path / "step_3.json" and "step_6.json" in path_problems[1][0]
+
+
+def test_no_write_goes_through_a_symbolic_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "step_1.npz").symlink_to(victim)
+    with pytest.raises(ValueError, match="symbolic link"):
+        save_checkpoint(tmp_path, 1, _arrays(), {})
+    with pytest.raises(ValueError, match="symbolic link"):
+        ck.write_json_atomic(tmp_path / "step_1.npz", {"a": 1})
+    assert victim.read_text() == "precious" and not list(tmp_path.glob(".*.tmp"))
