@@ -22,10 +22,13 @@ Reference: docs/official-code.md §4 for the optimiser settings.
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+import numpy as np
 
 
 @dataclass
@@ -70,9 +73,12 @@ class TrainConfig:
     # the tiny preset sets 240 so that the main job, with its start, final evaluation and the fill benchmark
     # (about 30 s idle, 100 s on a machine busy with three other jobs), stays near 5 minutes on a busy machine)
     # loss-spike guard: roll back to the last checkpoint when the loss is not finite or jumps above the median
-    spike_factor: float = 3.0  # a loss above factor × median of the recent window is a spike (0 = only NaN/inf)
+    spike_factor: float = 3.0  # a loss above factor × median of the recent window is a spike (0 = off)
     spike_window: int = 50  # how many recent accepted losses the median is taken over
-    spike_warmup: int = 200  # no ratio test before this step (early losses fall fast)
+    spike_warmup: int = 200  # no spike_factor test before this step (early losses fall fast) ...
+    spike_gross: float = 10.0  # ... but a loss above this × the running median is a spike from step 1 on (before
+    # any loss is accepted the reference is ln(vocab_size), the loss of a uniform guess; 0 = off). Early losses
+    # fall by at most a few times; an injected ×1000 or a real blow-up is caught at once (minglm/train.py)
     max_rollbacks: int = 5  # give up (raise) after this many rollbacks in one run
     # the end of the run
     fill_words: int = 400  # one-word blanks of the end-of-run fill benchmark (minglm/fill_eval.py)
@@ -81,6 +87,7 @@ class TrainConfig:
     plots: bool = True  # draw runs/<name>/plots/*.png with viz at the end (when viz is importable)
 
     def __post_init__(self):
+        check_types({f.name: getattr(self, f.name) for f in fields(self)}, TrainConfig, "TrainConfig")
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep", "spike_window")
         for name in positive:
             value = getattr(self, name)
@@ -96,6 +103,8 @@ class TrainConfig:
         for name in ("weight_decay", "clip", "time_limit", "spike_factor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.spike_gross != 0 and not self.spike_gross > 1:
+            raise ValueError(f"TrainConfig.spike_gross must be 0 (off) or > 1, got {self.spike_gross!r}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"TrainConfig.mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
         for name in ("beta1", "beta2", "val_fraction"):
@@ -145,6 +154,38 @@ TRAIN_PRESETS = {
 def field_types(cls) -> dict[str, object]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _fits(value, typ) -> bool:
+    """Whether ``value`` (as JSON or --set gives it) is a valid value of the annotation ``typ``."""
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        return any(value is None if a is type(None) else _fits(value, a) for a in typing.get_args(typ))
+    if typ is bool:
+        return isinstance(value, bool | np.bool_)
+    if typ is int:
+        return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if typ is float:  # an int is a fine float; NaN and inf are not (they cannot be written to config.json)
+        return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    if typ is str:
+        return isinstance(value, str)
+    return True
+
+
+def _kind(typ) -> str:
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+    return " or ".join(names.get(a, str(a)) for a in (typing.get_args(typ) or (typ,)))
+
+
+def check_types(values: dict, cls, where: str) -> None:
+    """A ValueError naming the field when a value of ``values`` has the wrong type for the dataclass ``cls``, or is
+    a NaN or infinite number (``lr: "abc"`` in a config.json, ``--set clip=nan``). Unknown keys are not checked here.
+    """
+    hints = field_types(cls)
+    for key, value in values.items():
+        typ = hints.get(key)
+        if typ is not None and not _fits(value, typ):
+            raise ValueError(f"{where}.{key} must be {_kind(typ)}, got {value!r}")
 
 
 def parse_value(text: str, typ, where: str):

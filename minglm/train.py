@@ -11,10 +11,20 @@ Exact resume: a checkpoint holds the parameters, the optimizer moments and step 
 and how many log lines had been written. ``--resume RUN`` restores all of it and truncates the log to that line, so
 the resumed run writes the same numbers, bit for bit, as a run that was never interrupted.
 
-Spike guard: before the update is applied, a loss that is NaN/inf, or more than ``spike_factor`` × the median of the
-last ``spike_window`` accepted losses (after ``spike_warmup`` steps), triggers a rollback: the parameters and the
-optimizer go back to the last checkpoint (or the initial state), the step counter too, while the data position and
-the rng go on, so the offending batches are skipped. A ``{"event": "rollback"}`` line records it.
+Spike guard: before the update is applied, the loss is tested against the running median of the last
+``spike_window`` accepted losses (before any is accepted: ln(vocab_size), the loss of a uniform guess). A rollback
+is triggered by
+- a loss that is NaN or inf, at any step;
+- a gross spike, more than ``spike_gross`` (10) × the median, at any step from step 1 on: early losses fall by a few
+  times at most, so this never fires on honest progress but catches a blow-up at once;
+- after ``spike_warmup`` steps, any loss more than ``spike_factor`` (3) × the median (the fine test, off while the
+  loss is still falling fast).
+A rollback sends the parameters and the optimizer back to the last checkpoint (or the initial state), the step
+counter too, while the data position and the rng go on, so the offending batches are skipped. A
+``{"event": "rollback"}`` line records it; past ``max_rollbacks`` the run stops with ``TrainingDiverged``.
+
+log.jsonl is appended one whole line per write (never through a symbolic link), and fsync'ed before every
+checkpoint, so a checkpoint never counts log lines that a crash could lose.
 
 The command that builds a run folder around this loop is ``python -m minglm train`` (minglm/commands/train.py).
 Left out: distributed training, mixed precision, learning-rate finders.
@@ -41,6 +51,13 @@ from minglm.optim import AdamW
 from minglm.tensor import no_grad
 
 BASELINE_SEED = 4321  # the train batches the unigram baseline counts come from their own generator
+
+# what a checkpoint's meta must hold for the Trainer to continue from it
+STATE_KEYS = ("step", "optim", "rng", "loader", "guard", "log_lines", "tokens_seen")
+
+
+class TrainingDiverged(RuntimeError):
+    """More rollbacks than ``max_rollbacks``: the run stopped (its last checkpoint is intact)."""
 
 # --------------------------------------------------------------------------------------------------------------
 # Small helpers
@@ -131,10 +148,24 @@ class Trainer:
     def log(self, record: dict) -> None:
         """Append one JSON line to log.jsonl (and to ``self.records``)."""
         self.records.append(record)
-        self.log_lines += 1
         if self.log_path is not None:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, allow_nan=True) + "\n")
+            line = (json.dumps(record, allow_nan=True) + "\n").encode()
+            # O_NOFOLLOW: a log.jsonl that is a symbolic link is an error, never a write into its target
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                os.write(fd, line)  # one write of the whole line
+            finally:
+                os.close(fd)
+        self.log_lines += 1
+
+    def _sync_log(self) -> None:
+        """fsync log.jsonl, so that the lines a checkpoint counts are on disk before the checkpoint is."""
+        if self.log_path is not None and self.log_path.exists():
+            fd = os.open(self.log_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def say(self, text: str) -> None:
         if not self.verbose:
@@ -146,14 +177,20 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------------------------------
     def _spike_reason(self, loss: float) -> str | None:
-        """Why this loss must not be applied, or None when it looks fine."""
+        """Why this loss must not be applied, or None when it looks fine (the rules: the module docstring)."""
         cfg = self.config
         if not math.isfinite(loss):
             return f"loss is {loss}"
-        if cfg.spike_factor > 0 and self.step >= cfg.spike_warmup and len(self.history) >= min(10, cfg.spike_window):
-            median = float(np.median(self.history[-cfg.spike_window:]))
+        recent = self.history[-cfg.spike_window:]
+        if recent:
+            median, what = float(np.median(recent)), f"the median of the last {len(recent)} losses"
+        else:
+            median, what = math.log(self.model.config.vocab_size), "ln(vocab_size): no loss accepted yet"
+        if cfg.spike_gross > 0 and loss > cfg.spike_gross * median:
+            return f"loss {loss:.4g} > {cfg.spike_gross:g} x {median:.4g}, {what}"
+        if cfg.spike_factor > 0 and self.step >= cfg.spike_warmup and len(recent) >= min(10, cfg.spike_window):
             if loss > cfg.spike_factor * median:
-                return f"loss {loss:.4g} > {cfg.spike_factor:g} x median {median:.4g} of the last {cfg.spike_window}"
+                return f"loss {loss:.4g} > {cfg.spike_factor:g} x {median:.4g}, {what}"
         return None
 
     def train_step(self) -> dict:
@@ -253,6 +290,7 @@ class Trainer:
         if self.ckpt_dir is None:
             self._memory_ckpt = (arrays, meta)
             return None
+        self._sync_log()
         return save_checkpoint(self.ckpt_dir, self.step, arrays, meta, keep=self.config.keep)
 
     def expected_arrays(self) -> dict[str, tuple]:
@@ -266,6 +304,10 @@ class Trainer:
         ``full``: also the rng, the data position and the log position (resume); otherwise only the weights,
         the optimizer, the step and the guard's history (rollback: data and rng go on, skipping the bad batches).
         """
+        missing = [k for k in STATE_KEYS if k not in meta]
+        if missing:
+            raise CheckpointError(f"Trainer: the checkpoint's meta lacks {', '.join(missing)}; it cannot be "
+                                  f"continued from (it was not written by the Trainer, or it was edited)")
         for key, want in self.expect.items():
             if meta.get(key) != want:
                 raise CheckpointError(f"Trainer: the checkpoint was saved with another {key}")
@@ -273,20 +315,30 @@ class Trainer:
             if name not in arrays or tuple(arrays[name].shape) != shape:
                 got = None if name not in arrays else tuple(arrays[name].shape)
                 raise CheckpointError(f"Trainer: checkpoint array {name!r} has shape {got}, the model needs {shape}")
-        opt = dict(meta["optim"], m=arrays["optim/m"], v=arrays["optim/v"])
-        if [[n, list(s)] for n, s in opt.get("layout", [])] != self.optimizer.layout():
+        try:
+            opt = dict(meta["optim"], m=arrays["optim/m"], v=arrays["optim/v"])
+            layout = [[n, list(s)] for n, s in opt.get("layout", [])]
+            step, log_lines, tokens_seen = int(meta["step"]), int(meta["log_lines"]), int(meta["tokens_seen"])
+            history = [float(x) for x in meta["guard"]["history"]]
+            rollbacks = int(meta["guard"]["rollbacks"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"Trainer: the checkpoint's meta is malformed ({type(e).__name__}: {e})") from e
+        if layout != self.optimizer.layout():
             raise CheckpointError("Trainer: the checkpoint's optimizer state is for another parameter layout")
         model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
         self.model.load_state_dict(model_state, strict=True)  # copies in place: the optimizer's views stay valid
         self.optimizer.load_state_dict(opt)
-        self.step = int(meta["step"])
-        self.history = [float(x) for x in meta["guard"]["history"]]
+        self.step = step
+        self.history = history
         if full:
-            self.rng.bit_generator.state = meta["rng"]
-            self.loader.load_state_dict(meta["loader"])
-            self.rollbacks = int(meta["guard"]["rollbacks"])
-            self.log_lines = int(meta["log_lines"])
-            self.tokens_seen = int(meta["tokens_seen"])
+            try:
+                self.rng.bit_generator.state = meta["rng"]
+                self.loader.load_state_dict(meta["loader"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"Trainer: the checkpoint's rng or loader state is malformed ({e})") from e
+            self.rollbacks = rollbacks
+            self.log_lines = log_lines
+            self.tokens_seen = tokens_seen
 
     def load_checkpoint(self, path_or_dir, full: bool = True) -> int:
         """Verify and load a checkpoint file or folder (its newest valid one); returns its step."""
@@ -299,7 +351,7 @@ class Trainer:
         self.optimizer.zero_grad()
         self.rollbacks += 1
         if self.rollbacks > self.config.max_rollbacks:
-            raise RuntimeError(f"Trainer: {self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks}); "
+            raise TrainingDiverged(f"Trainer: {self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks}); "
                                f"the last at step {self.step + 1}: {reason}. Lower the learning rate?")
         bad_step = self.step + 1
         path = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None

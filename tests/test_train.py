@@ -165,6 +165,52 @@ def make_trainer(corpus_dir, tmp_path, **cfg_overrides):
                    ckpt_dir=tmp_path / "ckpt", meta=expect, expect=expect, verbose=False)
 
 
+def tiny_trainer(corpus_dir, fault_hook=None, **cfg_overrides):
+    """A 1-layer 16-wide model on windows of 16, checkpoints in memory: about 5 ms a step."""
+    from minglm.data.corpus import encode_corpus, load_corpus
+    from minglm.data.loader import BlockLoader
+    from minglm.model import GLM, GLMConfig
+    from minglm.optim import AdamW, CosineSchedule
+    from minglm.tokenizer import CharTokenizer
+
+    cfg = TrainConfig(**{"seq_len": 16, "batch_size": 2, "warmup": 2, "eval_every": 0, **cfg_overrides})
+    corpus = load_corpus(corpus_dir)
+    tok = CharTokenizer.from_texts(corpus.docs)
+    rng = np.random.default_rng(0)
+    model = GLM(GLMConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_len=17), rng)
+    opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = BlockLoader(encode_corpus(corpus, tok)[0], tok, cfg.seq_len, cfg.batch_size)
+    return Trainer(model, opt, CosineSchedule(cfg.lr, cfg.warmup, cfg.steps), loader, rng, cfg,
+                   fault_hook=fault_hook, verbose=False)
+
+
+def times_at(factors: dict):
+    """A fault hook that multiplies the loss of each listed step by its factor, once."""
+    def hook(step, loss):
+        return loss * factors.pop(step) if step in factors else loss
+    return hook
+
+
+def test_spike_guard_catches_a_gross_spike_from_step_1(corpus_dir):
+    """With the default spike_warmup=200 a ×1000 loss at step 80 went into the update: now a loss above 10 × the
+    running median (ln(vocab) before the first step) is rolled back at any step, and so are NaN and inf."""
+    trainer = tiny_trainer(corpus_dir, times_at({1: 1000.0, 2: float("inf"), 80: 1000.0}), steps=81, ckpt_every=20)
+    assert trainer.config.spike_warmup == 200 and trainer.fit() == "completed"
+    events = [(r["step"], r["restored_step"]) for r in trainer.records if r.get("event") == "rollback"]
+    assert events == [(1, 0), (2, 0), (80, 60)]
+    reasons = [r["reason"] for r in trainer.records if r.get("event") == "rollback"]
+    assert "ln(vocab_size)" in reasons[0] and "inf" in reasons[1] and "10 x" in reasons[2]
+    assert all(r["loss"] < 10 for r in trainer.records if "event" not in r)  # no spike reached an update
+
+
+def test_spike_guard_is_lenient_before_warmup_and_strict_after(corpus_dir):
+    """A ×4 loss before spike_warmup is let through (early losses fall fast); after it, 3 × the median is a spike."""
+    trainer = tiny_trainer(corpus_dir, times_at({3: 4.0, 30: 4.0}), steps=31, spike_warmup=10)
+    assert trainer.fit() == "completed"
+    events = [r for r in trainer.records if r.get("event") == "rollback"]
+    assert [e["step"] for e in events] == [30] and "3 x" in events[0]["reason"]
+
+
 def test_corrupt_or_foreign_checkpoint_leaves_the_model_untouched(corpus_dir, tmp_path):
     trainer = make_trainer(corpus_dir, tmp_path)
     assert trainer.fit() == "completed"
