@@ -163,6 +163,19 @@ def test_positions_wrap_long_rows():
     assert len(fig.axes) == -(-n // 40)
 
 
+def test_positions_keep_a_64_token_sample_on_one_readable_line():
+    """A lesson's Shakespeare sample (up to 64 tokens) is one line, and its cells are narrow enough that a notebook
+    scaling the figure to about 10 inches keeps the text at 6 pt or more."""
+    batch, tok = viz.sample_from_text("In sooth, I know not why I am so sad: it wearies me", seed=0)
+    n = int(batch.lengths[0])
+    assert 40 < n <= 64
+    fig = draw(viz.plot_positions(batch, tokenizer=tok))
+    assert len(fig.axes) == 1
+    width = fig.get_size_inches()[0]
+    sizes = [t.get_fontsize() for t in fig.axes[0].texts if t.get_text().isdigit()]
+    assert min(sizes) * min(1.0, 10.0 / width) >= 6.0, (n, width, min(sizes))
+
+
 def test_blank_infilling_rows_and_reconstruction():
     sample, names = viz.figure2_sample()
     orig, owner = reconstruct(sample)
@@ -262,6 +275,13 @@ def test_loss_curves_runs_objectives_lr_and_rollbacks(tmp_path):
         viz.plot_loss_curves(tmp_path / "missing")
 
 
+def test_loss_curves_one_objective_has_no_second_panel():
+    """With a single objective the per-objective panel would repeat the left one: it is left out."""
+    recs = [{"step": s, "loss": 3.0 / s, "loss_token": 3.0 / s, "lr": 1e-3} for s in range(1, 30)]
+    fig = draw(viz.plot_loss_curves([recs], labels=["one"]))
+    assert len([a for a in fig.axes if a.get_title()]) == 1
+
+
 def test_split_rollbacks_without_restored_step():
     recs = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 9.0},
             {"step": 3, "event": "rollback"}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}]
@@ -305,6 +325,17 @@ def test_attention_weights_one_head_and_grid():
     assert any(list(ln.get_xdata()) == [4.5, 4.5] for ln in ax.lines)  # the sep line
     fig = draw(viz.plot_attention_weights(_StubModel(6), sample, layer=0))
     assert [a.get_title() for a in fig.axes if a.images] == [f"head {h}" for h in range(6)]
+
+
+def test_attention_heatmap_labels_every_token():
+    """A 64-token window with its Part B (about 80 tokens) gets a label on every row and column."""
+    T = 82
+    probs = np.tril(np.ones((T, T)))
+    probs /= probs.sum(-1, keepdims=True)
+    fig = draw(viz.plot_attention_map(probs, sep=0, labels=[f"t{i}" for i in range(T)]))
+    ax = fig.axes[0]
+    assert len(ax.get_xticks()) == T and tick_texts(ax.get_yticklabels())[:3] == ["t0", "t1", "t2"]
+    assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 5.0
 
 
 def test_attention_weights_of_a_real_model():
@@ -431,6 +462,19 @@ def test_tile_status_follows_the_twins_rules(T, sep, bq, bk):
             if not skipped:
                 mask = twin._tile_mask(np, sep_h, None, sep_h.reshape(1, 1, 1, 1), None, i0, i1, j0, j1)
                 assert (status[a, b] == 2) == (mask is None or bool(mask.all())), (a, b)
+
+
+def test_tile_map_legend_shows_the_colours_the_tiles_have():
+    """Every skipped cell is masked, so it is drawn under the grey veil; its legend swatch must be that grey."""
+    from matplotlib.colors import to_rgb
+
+    from viz.tiles import shaded
+
+    fig = draw(viz.plot_tile_map(128, [0], block_q=32, block_k=32))
+    swatches = {t.get_text(): h.get_facecolor()[:3] for t, h in zip(fig.legends[0].get_texts(),
+                                                                     fig.legends[0].legend_handles)}
+    np.testing.assert_allclose(swatches["skipped"], shaded("#FFFFFF"))
+    assert swatches["skipped"] != to_rgb("#FFFFFF") and max(swatches["skipped"]) < 0.9
 
 
 def test_tile_map_draws_codes_and_shares():

@@ -62,7 +62,7 @@ def _draw_map(ax, probs: np.ndarray, sep: int, labels: list[str] | None, title: 
 
 
 def plot_attention_map(probs, sep: int, labels: list[str] | None = None, head: int | None = None,
-                       max_labels: int = 48, title: str | None = None, ncols: int = 4):
+                       max_labels: int = 128, title: str | None = None, ncols: int = 4):
     """Heatmaps of probabilities (nh, T, T) or (T, T): one head (`head`, or a 2-D array) or a grid of every head."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim == 2:
@@ -73,7 +73,8 @@ def plot_attention_map(probs, sep: int, labels: list[str] | None = None, head: i
     if head is not None:
         if not 0 <= head < H:
             raise ValueError(f"plot_attention_map: head must be in [0, {H}), got {head}")
-        side = float(np.clip(0.2 * min(T, max_labels) + 3.0, 5.0, 11.0))
+        # about 0.14 inch a token, so that every token of a 64-token window (Part A + Part B, ~80) gets its label
+        side = float(np.clip(0.14 * min(T, max_labels) + 2.5, 5.0, 16.0))
         fig = new_figure(side + 1.2, side)
         ax = fig.add_subplot(1, 1, 1)
         im = _draw_map(ax, probs[head], sep, labels, title or f"head {head}", max_labels)
@@ -100,7 +101,7 @@ def plot_attention_map(probs, sep: int, labels: list[str] | None = None, head: i
 
 
 def plot_attention_weights(model, batch, layer: int = 0, head: int | None = None, i: int = 0, tokenizer=None,
-                           max_labels: int = 48, window: tuple[int, int] | None = None):
+                           max_labels: int = 128, window: tuple[int, int] | None = None):
     """Attention probabilities of `layer` for sample i of `batch` (Batch or Sample), one head or all heads.
 
     Uses `model.attention_probs(tokens, position_ids, block_position_ids, sep, layer)` -> (B, nh, T, T).

@@ -136,7 +136,9 @@ def plot_loss_curves(run_dirs, smooth: float = 0.8, labels: list[str] | None = N
     objectives = []
     for _, recs in runs:
         objectives += [o for o in objectives_in(recs) if o not in objectives]
-    two = per_objective and bool(objectives)
+    # the per-objective panel only says something new when there are two objectives or more: with one, it would
+    # repeat the left panel's curve under another name
+    two = per_objective and len(objectives) > 1
     fig = new_figure(13.0 if two else 8.0, 5.4)
     axes = fig.subplots(1, 2 if two else 1, squeeze=False)[0]
     ax = axes[0]

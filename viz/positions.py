@@ -54,8 +54,11 @@ def _view(sample, i: int, convention: str, tokenizer):
                                  block_position_ids=v.block_position_ids, sep=v.sep, objective=s.objective)
 
 
+CELL_IN = 0.26  # inches per token column
+
+
 def plot_positions(sample, convention: str = "code", tokenizer=None, i: int = 0, window: tuple[int, int] | None = None,
-                   per_line: int = 40, show_targets: bool = True, title: str | None = None):
+                   per_line: int = 64, show_targets: bool = True, title: str | None = None):
     """The two position rows under the tokens, one column per token, values printed in the cells.
 
     sample: a Sample or a Batch (row i). convention: "code" (official, 0-based, the model's input) or "paper"
@@ -83,11 +86,14 @@ def plot_positions(sample, convention: str = "code", tokenizer=None, i: int = 0,
     lines = [idx[k:k + per_line] for k in range(0, n, per_line)]
     width = min(n, per_line)
     rows = ["token", "Position 1", "Position 2"] + (["target"] if show_targets else [])
-    fig = new_figure(max(6.0, 0.42 * width + 2.0), 0.5 + (0.42 * len(rows) + 0.55) * len(lines))
+    # 0.26 inch a cell with 11 pt text: a 64-token sample stays on one line (18 inches), and a notebook that scales
+    # it to about 10 inches still shows 6 pt text; a 45-token sample shows 8 pt (0.42 inch cells with 9 pt text, the
+    # old layout, wrapped after 40 tokens and came out at 5 pt)
+    fig = new_figure(max(6.0, CELL_IN * width + 1.6), 0.5 + (0.36 * len(rows) + 0.55) * len(lines))
     axes = fig.subplots(len(lines), 1, squeeze=False)[:, 0]
     norms = [Normalize(0, max(1, int(np.max(v.position_ids)))), Normalize(0, max(1, int(np.max(v.block_position_ids))))]
     fk = font_kwargs(labels[lo:hi] + tlabels[lo:hi])
-    fs = 9 if width > 24 else 10
+    fs = 11 if width > 24 else 12  # a digit or a character at 11 pt fits a 0.26-inch cell (19 pt)
     cmap = _cmap()
     pos_rgba = [cmap(norms[0](np.asarray(v.position_ids))), cmap(norms[1](np.asarray(v.block_position_ids)))]
     tok_rgba = np.array([to_rgba(c) for c in colors])  # (n_all, 4)

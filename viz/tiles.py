@@ -14,7 +14,7 @@ Left out: padding (``lengths``), which skips whole tiles of pad rows too.
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import ListedColormap, to_rgb
 from matplotlib.patches import Patch
 
 from viz.masks import glm_visible
@@ -22,6 +22,12 @@ from viz.style import GRID_COLOR, MASKED_COLOR, OKABE_ITO, PART_A_COLOR, SEP_COL
 
 SKIPPED, PARTIAL, FULL = 0, 1, 2
 _TILE_COLORS = [MASKED_COLOR, OKABE_ITO["orange"], PART_A_COLOR]  # skipped, partial, full
+SHADE_ALPHA = 0.12  # the black veil over masked cells; a skipped tile is masked everywhere, so it shows grey
+
+
+def shaded(color: str, alpha: float = SHADE_ALPHA) -> tuple[float, float, float]:
+    """``color`` as it looks under the black veil of masked cells (what the legend must show for skipped tiles)."""
+    return tuple((1.0 - alpha) * c for c in to_rgb(color))
 
 
 def tile_status(T: int, sep: int, block_q: int, block_k: int) -> np.ndarray:
@@ -63,7 +69,7 @@ def plot_tile_map(T: int, seps, block_q: int = 64, block_k: int = 64, width: flo
         cells = np.repeat(np.repeat(status, block_q, axis=0), block_k, axis=1)[:T, :T]  # a tile's code per cell
         ax.imshow(cells, cmap=cmap, vmin=0, vmax=2, interpolation="nearest", extent=(0, T, T, 0))
         hidden = ~glm_visible(sep, T)
-        ax.imshow(np.ma.masked_where(~hidden, np.ones((T, T))), cmap=ListedColormap(["#000000"]), alpha=0.12,
+        ax.imshow(np.ma.masked_where(~hidden, np.ones((T, T))), cmap=ListedColormap(["#000000"]), alpha=SHADE_ALPHA,
                   interpolation="nearest", extent=(0, T, T, 0))  # shade the masked cells inside the tiles
         for x in range(0, T + 1, block_k):
             ax.axvline(x, color=GRID_COLOR, lw=0.6)
@@ -76,8 +82,9 @@ def plot_tile_map(T: int, seps, block_q: int = 64, block_k: int = 64, width: flo
         ax.set_title(f"sep = {sep}: computes {100 * share:.0f} %", fontsize=10)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
+    swatches = [shaded(_TILE_COLORS[SKIPPED]), _TILE_COLORS[PARTIAL], _TILE_COLORS[FULL]]  # as the tiles look
     fig.legend(handles=[Patch(facecolor=c, edgecolor=GRID_COLOR, label=label) for c, label in
-                        zip(_TILE_COLORS, ("skipped", "partial (mask inside)", "full"))],
+                        zip(swatches, ("skipped", "partial (mask inside)", "full"))],
                loc="outside lower center", ncols=3, frameon=False, fontsize=9)
     fig.suptitle(f"{T} × {T} scores in {block_q} × {block_k} tiles (shaded: masked cells)", fontsize=11)
     return fig
