@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from minglm.checkpoint import atomic_write
 from viz.curves import plot_loss_curves
 from viz.examples import run_sample
 from viz.infill import BASELINE_OBJECTIVES, plot_blank_infilling
@@ -28,6 +29,8 @@ def save_run_plots(run_dir, seed: int = 0, dpi: int = 100, fmt: str = "png") -> 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"save_run_plots: {run_dir} is not a folder")
     out = run_dir / "plots"
+    if out.is_symlink():  # a write must never land outside the run folder
+        raise ValueError(f"save_run_plots: {out} is a symbolic link; refusing to write through it")
     out.mkdir(exist_ok=True)
     written: list[Path] = []
 
@@ -35,7 +38,8 @@ def save_run_plots(run_dir, seed: int = 0, dpi: int = 100, fmt: str = "png") -> 
         try:
             fig = make()
             path = out / f"{name}.{fmt}"
-            fig.savefig(path, dpi=dpi)
+            # a temporary file renamed into place; a planted symbolic link is refused, never written through
+            atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
             written.append(path)
         except Exception as exc:  # noqa: BLE001 - drawing is optional, the run's results are not
             warnings.warn(f"save_run_plots: skipped {name}.{fmt} ({type(exc).__name__}: {exc})", stacklevel=2)
