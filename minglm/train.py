@@ -333,9 +333,12 @@ class Trainer:
         if full:
             try:
                 self.rng.bit_generator.state = meta["rng"]
-                self.loader.load_state_dict(meta["loader"])
             except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"Trainer: the checkpoint's rng or loader state is malformed ({e})") from e
+                raise CheckpointError(f"Trainer: the checkpoint's rng state is malformed ({e})") from e
+            try:
+                self.loader.load_state_dict(meta["loader"])  # its ValueError says when the data changed
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"Trainer: the checkpoint's loader state is malformed ({e})") from e
             self.rollbacks = rollbacks
             self.log_lines = log_lines
             self.tokens_seen = tokens_seen

@@ -39,6 +39,21 @@ COMMANDS = {
 }
 
 
+def error_line(exc: BaseException) -> str:
+    """An exception as one line for ``error: ...``: an OSError as "FILE: reason", any other by its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def fail(exc: BaseException, prefix: str = "error") -> int:
+    """Print ``exc`` as one line on stderr and return the exit code of a refused command, 2."""
+    print(f"{prefix}: {error_line(exc)}", file=sys.stderr)
+    return 2
+
+
 def _usage() -> str:
     lines = ["usage: python -m minglm <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, help_ in COMMANDS.items()]

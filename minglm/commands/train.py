@@ -7,15 +7,25 @@ beside the truth, and compares the validation loss with a unigram baseline.
 
 ``--resume RUN`` continues a run exactly from its latest checkpoint (the Trainer restores the rng, the data position
 and the log position), and the ``--inject-*`` flags corrupt the loss at chosen steps to watch the spike guard roll back.
+
+What keeps a run folder sound (docs/robustness.md lists the faults tried):
+- every input is checked before the run folder is created, so a refused command leaves nothing behind;
+- one writer: the command holds the folder's lock (``minglm.runs.run_lock``) from creation or resume to the end;
+- ``--resume`` takes the checkpoint as the truth: the model and training config come from it, config.json and
+  tokenizer.json must agree, and it continues from the newest checkpoint that verifies and that log.jsonl covers
+  (``--from step_N`` picks one), setting newer ones aside and saying so;
+- a corpus path is recorded absolute, so a run resumes from any directory.
+Every fault ends in one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
+import re
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,18 +33,32 @@ import numpy as np
 
 import viz
 from minglm.backend import device_xp
-from minglm.checkpoint import CheckpointError, latest_checkpoint, write_json_atomic
+from minglm.checkpoint import CheckpointError, atomic_write, checkpoint_steps, load_checkpoint, write_json_atomic
+from minglm.commands import error_line, fail
 from minglm.config import TrainConfig, apply_overrides, field_types, load_config_source, make_train_config
-from minglm.data.corpus import encode_corpus, load_corpus
+from minglm.data.corpus import CORPUS_NAMES, encode_corpus, load_corpus
 from minglm.data.loader import BlockLoader, iter_eval_batches
 from minglm.data.objectives import GLM_PRESETS
 from minglm.fill_eval import candidate_lines, evaluate_fill, format_report
 from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
-from minglm.runs import run_meta
+from minglm.runs import (
+    LOCK_NAME,
+    RESUMABLE_FIELDS,
+    RUN_PARTS,
+    check_no_links,
+    check_run,
+    model_config_from,
+    read_json,
+    read_tokenizer,
+    resume_point,
+    run_lock,
+    run_meta,
+    set_aside_newer,
+)
 from minglm.tensor import Tensor
-from minglm.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
-from minglm.train import Trainer, unigram_baseline
+from minglm.tokenizer import UNK_ID, BPETokenizer, CharTokenizer, WordTokenizer, tokenizer_record
+from minglm.train import Trainer, TrainingDiverged, unigram_baseline
 
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
 
@@ -81,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", help="run folder name (default: <corpus>-<preset>-<objective>, numbered if taken)")
     ap.add_argument("--seed", type=int, help="seed of the one random generator")
     ap.add_argument("--device", choices=("auto", "cpu", "gpu"), help="where to train (default: the config's)")
-    ap.add_argument("--resume", metavar="RUN", help="continue a run folder exactly from its latest checkpoint")
-    ap.add_argument("--corpus", help="shakespeare | tang | a .txt file or folder of them")
+    ap.add_argument("--resume", metavar="RUN", help="continue a run folder exactly from its latest checkpoint (the "
+                                                    "newest that verifies and that its log.jsonl covers)")
+    ap.add_argument("--from", dest="from_step", metavar="step_N",
+                    help="with --resume: continue from this checkpoint (step_0: start the run again from scratch); "
+                         "newer checkpoints are moved to ckpt/superseded/")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="with --name: start again in a run folder that holds no checkpoint yet (a run killed "
+                         "before its first one)")
+    ap.add_argument("--corpus", help="shakespeare | tang | a folder of .txt files (one document each) | one .txt "
+                                     "file (its blank-line-separated paragraphs are the documents)")
     ap.add_argument("--objective", help="glm-base | glm-10b | glm-doc | glm-130b | bert | gpt | prefix | t5")
     ap.add_argument("--eval-every", type=int, help="validate every N steps")
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
@@ -123,45 +155,97 @@ def make_fault_hook(spike_at: set[int], nan_at: set[int]):
     return hook
 
 
-def _unique_run_dir(out: Path, name: str) -> Path:
+def _from_step(text: str | None) -> int | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(?:step_)?(\d+)", text.strip())
+    if m is None:
+        raise ValueError(f"--from: expected step_N (a checkpoint of the run), got {text!r}")
+    return int(m.group(1))
+
+
+def _check_name(name: str) -> None:
+    """A run name is one plain folder name: ``--name ../../x`` must not put a run outside ``--out``."""
+    if not name or name in (".", "..") or Path(name).name != name or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"--name: {name!r} must be a plain folder name (no / or ..); --out says where runs go")
+
+
+def _device(name: str):
+    """The array module of ``--device`` (or MINGLM_BACKEND under auto); a missing CuPy or GPU as a ValueError."""
+    try:
+        return device_xp(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+
+
+def _make_run_dir(out: Path, name: str, numbered: bool) -> Path:
+    """Create the run folder (``name``, or ``name-2``, ``name-3``, ... when ``numbered``); mkdir is the claim."""
+    out.mkdir(parents=True, exist_ok=True)
     path, i = out / name, 2
-    while path.exists():
-        path, i = out / f"{name}-{i}", i + 1
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if not numbered:
+                raise ValueError(f"--name: {path} exists; pick another name, --resume it, or --overwrite it if "
+                                 f"it has no checkpoint yet") from None
+            path, i = out / f"{name}-{i}", i + 1
+
+
+def _clear_for_overwrite(run_dir: Path) -> None:
+    """Empty a run folder for ``--overwrite`` (its lock held): only one without a checkpoint, only run files."""
+    steps = checkpoint_steps(run_dir / "ckpt")
+    if steps:
+        raise ValueError(f"--overwrite: {run_dir} holds checkpoints up to step_{steps[-1]}; --resume it (or delete "
+                         f"the folder yourself)")
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in RUN_PARTS and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:
+        raise ValueError(f"--overwrite: {run_dir} does not look like a run folder (it holds {', '.join(foreign[:3])})")
+    for p in run_dir.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _truncate_log(path: Path, n_lines: int) -> None:
     """Keep the first ``n_lines`` lines of log.jsonl (what the checkpoint had seen), atomically."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    data = path.read_bytes() if path.is_file() else b""
+    lines = data.split(b"\n")[:-1]  # complete lines only
     if len(lines) < n_lines:
         raise CheckpointError(f"resume: {path} has {len(lines)} lines, the checkpoint expects at least {n_lines}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".log.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines[:n_lines])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    keep = b"".join(line + b"\n" for line in lines[:n_lines])
+    atomic_write(path, lambda f: f.write(keep))
 
 
 def _resolve_resume(resume: str, out: str) -> Path:
     for cand in (Path(resume), Path(out) / resume):
-        if (cand / "config.json").is_file():
+        if (cand / "config.json").is_file() or (cand / "config.json").is_symlink():
             return cand
     raise ValueError(f"--resume: {resume!r} is not a run folder with a config.json (looked in . and {out}/)")
 
 
-def _model_config(preset: str | None, model: dict, train: TrainConfig, vocab_size: int) -> GLMConfig:
+def _model_config(model: dict, train: TrainConfig, vocab_size: int, explicit_max_len: bool) -> GLMConfig:
+    """The new run's model config: the preset's or file's, with vocab_size from the tokenizer, the training seq_len
+    and a max_len that fits it (raised from the preset's, but an explicit one that is too small is an error)."""
     model = dict(model)
     model.setdefault("vocab_size", vocab_size)
-    if model["vocab_size"] < vocab_size:
-        raise ValueError(f"model.vocab_size={model['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    if not isinstance(model["vocab_size"], int) or model["vocab_size"] < vocab_size:
+        raise ValueError(f"model.vocab_size={model['vocab_size']!r} is smaller than the tokenizer's {vocab_size}")
     model["seq_len"] = train.seq_len
     # Part B reuses the blanks' positions, but a long [gMASK] span can have block ids up to seq_len + 1
-    model["max_len"] = max(int(model.get("max_len") or 0), train.seq_len + 1)
-    try:
-        return GLMConfig.from_dict(model)
-    except TypeError as e:
-        raise ValueError(f"model config: {e}") from e
+    need = train.seq_len + 1
+    given = model.get("max_len")
+    if explicit_max_len and isinstance(given, int) and given < need:
+        raise ValueError(f"model.max_len={given} is below seq_len + 1 = {need} (block positions of a long span go "
+                         f"up to seq_len + 1); set model.max_len={need} or more, or a shorter seq_len")
+    if not explicit_max_len or not isinstance(given, int):
+        model["max_len"] = max(given if isinstance(given, int) else 0, need)
+    return model_config_from(model, "model config")
 
 
 def make_tokenizer(cfg: TrainConfig, corpus):
@@ -197,72 +281,127 @@ def _eval_modes(objective) -> list[str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minglm train [options]``; returns the exit code (2 for bad input)."""
+    """``python -m minglm train [options]``; returns the exit code (2 for bad input and every fault of the run)."""
     t_main = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
         return _run(args, t_main)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, CheckpointError, OSError, TrainingDiverged) as e:
+        return fail(e)
+    except MemoryError:
+        return fail(MemoryError("out of memory: the model or batch is too large for this machine"))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
 def _run(args, t_main: float) -> int:
+    with contextlib.ExitStack() as held:  # the run folder's lock, from its creation or resume to the end
+        return _train(args, t_main, held)
+
+
+def _explicit_max_len(args) -> bool:
+    """Whether the user chose model.max_len (--set, or the model section of a --config file)."""
+    keys = {pair.split("=", 1)[0].strip().replace("-", "_") for pair in args.set}
+    if keys & {"max_len", "model.max_len"}:
+        return True
+    if args.config and Path(args.config).is_file():
+        model = read_json(args.config).get("model")
+        return isinstance(model, dict) and "max_len" in model
+    return False
+
+
+def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
     model_fields = field_types(GLMConfig)
     flags = {"steps": args.steps, "seed": args.seed, "device": args.device, "corpus": args.corpus,
              "objective": args.objective, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
              "keep": args.keep, "time_limit": args.time_limit}
+    verbose = not args.quiet
+    say = print if verbose else (lambda *a, **k: None)
+
+    def note(text: str) -> None:  # what the user must hear even with --quiet
+        print(f"note: {text}", file=sys.stderr)
+
+    # 1. every input, checked before anything is written ---------------------------------------------------------
+    spike = _steps_list(args.inject_spike_at, "--inject-spike-at")
+    nan = _steps_list(args.inject_nan_at, "--inject-nan-at")
+    from_step = _from_step(args.from_step)
+    if from_step is not None and not args.resume:
+        raise ValueError("--from goes with --resume RUN")
+    if args.overwrite and (args.resume or not args.name):
+        raise ValueError("--overwrite goes with --name NAME (and not with --resume)")
+    if args.name is not None:
+        _check_name(args.name)
+    ckpt = None
     if args.resume:
         blocked = [f for f in ("config", "corpus", "objective", "seed") if getattr(args, f) is not None] + \
             (["set"] if args.set else [])
         if blocked:
             raise ValueError(f"--resume continues a run with its saved config; drop --{', --'.join(blocked)}")
         run_dir = _resolve_resume(args.resume, args.out)
-        saved = json.loads((run_dir / "config.json").read_text())
-        preset, model_dict, train_dict = saved.get("preset"), dict(saved["model"]), dict(saved["train"])
+        check_no_links(run_dir)
+        held.enter_context(run_lock(run_dir))  # before reading: another writer may be mid-checkpoint
+        record, notes = resume_point(run_dir, from_step)
+        for line in notes:
+            note(line)
+        saved = read_json(run_dir / "config.json")
+        saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+        if record is not None:
+            ckpt = load_checkpoint(record)
+            mcfg, tokenizer, saved = check_run(run_dir, ckpt)  # the checkpoint is the truth
+            train_dict = dict(ckpt.meta.get("train_config") or saved_train)
+            train_dict.update({k: saved_train[k] for k in RESUMABLE_FIELDS if k in saved_train})  # the budget now
+        else:  # nothing trained yet: the run starts again from its config.json and tokenizer.json
+            tokenizer = read_tokenizer(run_dir / "tokenizer.json")
+            mcfg = model_config_from(saved.get("model"), f"{run_dir / 'config.json'} model")
+            train_dict = dict(saved_train)
+        preset = saved.get("preset")
+        train_dict.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            cfg = make_train_config(train_dict)
+        except ValueError as e:
+            raise ValueError(f"{run_dir / 'config.json'}: {e}") from e
+        for key in RESUMABLE_FIELDS:
+            if key in saved_train and saved_train[key] != getattr(cfg, key):
+                why = "; the cosine schedule now ends there" if key == "steps" else ""
+                note(f"--resume changes the run's {key} from {saved_train[key]!r} to {getattr(cfg, key)!r} "
+                     f"(written to config.json{why})")
+        if mcfg.seq_len not in (None, cfg.seq_len):
+            raise ValueError(f"{run_dir / 'config.json'}: train seq_len {cfg.seq_len} differs from the model's "
+                             f"{mcfg.seq_len}")
     else:
         preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
         apply_overrides(model_dict, train_dict, args.set, model_fields)
         if os.environ.get("MINGLM_ATTENTION") and "attention" not in model_dict:  # the one place it is read
             model_dict["attention"] = os.environ["MINGLM_ATTENTION"].strip().lower()
-    train_dict.update({k: v for k, v in flags.items() if v is not None})
-    cfg = make_train_config(train_dict)
-    verbose = not args.quiet
-    say = print if verbose else (lambda *a, **k: None)
+        train_dict.update({k: v for k, v in flags.items() if v is not None})
+        cfg = make_train_config(train_dict)
+        if cfg.corpus not in CORPUS_NAMES:  # recorded absolute, so that --resume works from any directory
+            cfg.corpus = os.path.abspath(cfg.corpus)
+    xp = _device(cfg.device)
 
     # data and tokenizer
     corpus = load_corpus(cfg.corpus, val_fraction=cfg.val_fraction, seed=0)
-    if args.resume:
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    else:
+    if not args.resume:
         tokenizer = make_tokenizer(cfg, corpus)
     train_ids, val_ids = encode_corpus(corpus, tokenizer)
     if not val_ids:
-        raise ValueError(f"corpus {cfg.corpus!r} has no validation documents (it needs at least two documents)")
-    mcfg = _model_config(preset, model_dict, cfg, tokenizer.vocab_size)
-
-    # the run folder
+        raise ValueError(f"corpus {cfg.corpus!r} has no validation documents (val_fraction={cfg.val_fraction}; it "
+                         f"needs at least two documents)")
+    unknown = sum(int((ids == UNK_ID).sum()) for ids in train_ids + val_ids)
+    if unknown:
+        total = sum(map(len, train_ids + val_ids))
+        print(f"warning: {unknown:,} of the corpus's {total:,} tokens are characters the tokenizer does not know; "
+              f"they become [UNK]", file=sys.stderr)
     if not args.resume:
-        out = Path(args.out)
-        if args.name:
-            run_dir = out / args.name
-            if run_dir.exists():
-                raise ValueError(f"--name: {run_dir} exists; pick another name or --resume it")
-        else:
-            run_dir = _unique_run_dir(out, f"{corpus.name}-{preset or 'custom'}-{cfg.objective}".replace("/", "_"))
-        run_dir.mkdir(parents=True)
-        tokenizer.save(run_dir / "tokenizer.json")
-        (run_dir / "log.jsonl").write_text("")
-    config_record = {"preset": preset, "model": mcfg.to_dict(), "train": cfg.to_dict()}
-    write_json_atomic(run_dir / "config.json", config_record)
+        mcfg = _model_config(model_dict, cfg, tokenizer.vocab_size, _explicit_max_len(args))
+    elif mcfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"{run_dir / 'config.json'}: model vocab_size {mcfg.vocab_size} is smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size}")
 
     # model, optimizer, loaders (the rng: model init, then data order, blanks and dropout)
     rng = np.random.default_rng(cfg.seed)
     model = GLM(mcfg, rng)
-    xp = device_xp(cfg.device)
     if xp is not np:
         model.to("gpu")  # before the optimizer: it makes the parameters views of its flat buffer
     optimizer = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -276,36 +415,74 @@ def _run(args, t_main: float) -> int:
             val_batches.append((b.objective, b))
     meta = {**run_meta(mcfg, tokenizer), "train_config": cfg.to_dict()}
     expect = {"model_config": meta["model_config"], "vocab_sha256": meta["vocab_sha256"]}
-    spike = _steps_list(args.inject_spike_at, "--inject-spike-at")
-    nan = _steps_list(args.inject_nan_at, "--inject-nan-at")
-    trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=run_dir / "ckpt",
-                      log_path=run_dir / "log.jsonl", meta=meta, expect=expect,
+    config_record = {"preset": preset, "model": mcfg.to_dict(), "train": cfg.to_dict()}
+
+    # 2. the run folder: created (or taken over) only now, and locked ----------------------------------------------
+    if args.resume:
+        trainer_dir = run_dir
+    else:
+        out = Path(args.out)
+        name = args.name or f"{corpus.name}-{preset or 'custom'}-{cfg.objective}".replace("/", "_")
+        if args.overwrite and (out / name).exists():
+            run_dir = out / name
+            check_no_links(run_dir)
+            held.enter_context(run_lock(run_dir))
+            _clear_for_overwrite(run_dir)
+            note(f"--overwrite: started {run_dir} again (it held no checkpoint)")
+        else:
+            run_dir = _make_run_dir(out, name, numbered=not args.name)
+            held.enter_context(run_lock(run_dir))
+        trainer_dir = run_dir
+        try:
+            write_json_atomic(run_dir / "tokenizer.json", tokenizer_record(tokenizer)[0], indent=None)
+            atomic_write(run_dir / "log.jsonl", lambda f: None)
+            write_json_atomic(run_dir / "config.json", config_record)
+        except (OSError, ValueError):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a folder that could not be written is not left behind
+            raise
+    trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=trainer_dir / "ckpt",
+                      log_path=trainer_dir / "log.jsonl", meta=meta, expect=expect,
                       fault_hook=make_fault_hook(spike, nan), verbose=verbose)
     if args.resume:
-        ckpt_dir = run_dir / "ckpt"
-        if latest_checkpoint(ckpt_dir) is None:
-            raise CheckpointError(f"--resume: no valid checkpoint in {ckpt_dir}")
-        step = trainer.load_checkpoint(ckpt_dir, full=True)
+        if ckpt is not None:
+            trainer.load_state(ckpt.arrays, ckpt.meta, full=True)
+        moved = set_aside_newer(run_dir, trainer.step)
+        if moved is not None:
+            note(f"checkpoints newer than step {trainer.step} were moved to {moved} (kept, no longer used)")
         _truncate_log(run_dir / "log.jsonl", trainer.log_lines)
-        say(f"resumed {run_dir} at step {step}")
+        write_json_atomic(run_dir / "config.json", config_record)
+        say(f"resumed {run_dir} at step {trainer.step}")
 
     n_params = model.num_parameters()
     say(f"run {run_dir}: {n_params:,} parameters, vocab {tokenizer.vocab_size}, {cfg.objective} on {corpus.name} "
         f"({sum(map(len, train_ids)):,} train / {sum(map(len, val_ids)):,} val tokens), {cfg.steps} steps of "
         f"{cfg.batch_size}x{cfg.grad_accum} windows of {cfg.seq_len}, device {cfg.device}")
     t_train = time.perf_counter()
-    reason = trainer.fit(until=args.stop_at)
-    train_s = time.perf_counter() - t_train
-    if reason == "until":
-        say(f"stopped after step {trainer.step} (--stop-at); continue with --resume {run_dir}")
-        return 0
+    try:
+        reason = trainer.fit(until=args.stop_at)
+        train_s = time.perf_counter() - t_train
+        if reason == "until":
+            say(f"stopped after step {trainer.step} (--stop-at); continue with --resume {run_dir}")
+            return 0
+        return _finish(run_dir, trainer, reason, train_s, t_main, corpus, tokenizer, train_ids, val_batches,
+                       data_kw, n_params, say)
+    except OSError as e:  # disk full, a folder made read-only, ...: the last checkpoint is intact
+        raise OSError(e.errno, f"{error_line(e)} (while writing {run_dir}; its last checkpoint is intact, "
+                               f"--resume continues from it)") from e
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e} The run stopped; its last checkpoint is intact.") from e
 
-    # the end: final numbers, baseline, fills, plots
+
+def _finish(run_dir, trainer, reason, train_s, t_main, corpus, tokenizer, train_ids, val_batches, data_kw, n_params,
+            say) -> int:
+    """The end of a run: final numbers, the unigram baseline, the fill benchmark, summary.json and the plots."""
+    cfg = trainer.config
+
     final = trainer.last_eval if trainer.last_eval.get("step") == trainer.step else {
         "step": trainer.step, **trainer.evaluate()}
     base_loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective, **data_kw)
     unigram = unigram_baseline(base_loader, val_batches, tokenizer.vocab_size)
-    fill_report = end_of_run_fill_eval(model, tokenizer, corpus, cfg, say=say)
+    fill_report = end_of_run_fill_eval(trainer.model, tokenizer, corpus, cfg, say=say)
     steps_done = [r for r in trainer.records if "loss" in r]
     summary = {
         "run": str(run_dir), "steps": trainer.step, "stop_reason": reason, "rollbacks": trainer.rollbacks,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 CORPUS_NAMES = ("shakespeare", "tang")  # corpora known by name; any other corpus is a path
 MAX_CHUNKS = 10  # a single file without paragraphs becomes at most this many documents
 
