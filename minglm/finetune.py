@@ -57,8 +57,8 @@ class ClozeTask:
     label_names: list[str] | None = None
 
     def __post_init__(self):
-        if "{text}" not in self.pattern:
-            raise ValueError(f"ClozeTask: the pattern must contain '{{text}}', got {self.pattern!r}")
+        if self.pattern.count("{text}") != 1:
+            raise ValueError(f"ClozeTask: the pattern must contain '{{text}}' exactly once, got {self.pattern!r}")
         n_mask = self.pattern.count("[MASK]")
         if n_mask != 1 or len(BLANK_RE.findall(self.pattern)) != 1:
             raise ValueError(f"ClozeTask: the pattern must contain exactly one [MASK] (and no other blank), "

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minglm.checkpoint import atomic_write
 from minglm.model import GLMConfig
 
 LAYOUTS = ("minglm", "official", "sat")
@@ -197,10 +198,16 @@ def load_state_dict(model, state: dict, strict: bool = True) -> None:
 
 
 def save(model, path, layout: str = "official") -> Path:
-    """Write the model's weights to ``path`` (.npz) under the names of ``layout``; returns the path."""
+    """Write the model's weights to ``path`` (.npz added if missing) under the names of ``layout``; returns the path.
+
+    Written through a temporary file and renamed into place (``checkpoint.atomic_write``), so a crash leaves the
+    old file or the new one; a ``path`` that is a symbolic link is refused rather than written through.
+    """
     path = Path(path)
-    np.savez(path, **export_state_dict(model, layout))
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = export_state_dict(model, layout)
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path) -> dict[str, np.ndarray]:

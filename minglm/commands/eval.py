@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from minglm.checkpoint import write_json_atomic
+from minglm.commands import fail
 from minglm.data.corpus import load_corpus
 from minglm.fill_eval import FILL_SEED, N_SPAN, N_WORD, evaluate_fill, format_report
 from minglm.runs import load_run, resolve_run
@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                seed=args.seed, max_new=args.max_new_tokens)
         if args.json:
             write_json_atomic(Path(args.json), report.to_dict())
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, OSError) as e:
+        return fail(e)
     print(f"run {run_dir} on {corpus.name}")
     print(format_report(report))
     return 0

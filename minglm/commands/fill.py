@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minglm.commands import fail
 from minglm.config import TrainConfig
 from minglm.data.objectives import GLM_PRESETS
 from minglm.generate import BLANK_RE, Sampling, fill, format_steps
@@ -94,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = fill(model, tokenizer, args.text, sampling, np.random.default_rng(args.seed), decoder=args.decoder)
         dt = time.perf_counter() - t0
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, RuntimeError) as e:
+        return fail(e)
     print(result.marked_text)
     if args.steps:
         print()

@@ -9,13 +9,14 @@ play, and prints one table: the majority baseline, zero-shot, full fine-tuning, 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
+from minglm.checkpoint import write_json_atomic
+from minglm.commands import fail
 from minglm.commands import train as train_command
 from minglm.finetune import DEFAULT_PATTERN, GENRES, ClozeScorer, ClozeTask, finetune, genre_task
 from minglm.lora import apply_lora, lora_summary, save_lora
@@ -68,13 +69,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-full", action="store_true", help="only LoRA (faster)")
     args = ap.parse_args(argv)
     try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        task = check_args(args)  # before a run is loaded, or a quick one trained
+        return _run(args, task)
+    except (ValueError, OSError, RuntimeError) as e:
+        return fail(e)
 
 
-def _run(args) -> int:
+def check_args(args) -> ClozeTask:
+    """Refuse sizes the task cannot use and a malformed pattern in one line; returns the cloze task."""
+    genres = len(GENRES)  # train and test passages are balanced over the genres: at least one each
+    at_least = {"--n-train": (args.n_train, genres), "--n-test": (args.n_test, genres),
+                "--test-plays": (args.test_plays, 1), "--chars": (args.chars, 1), "--steps": (args.steps, 1),
+                "--batch-size": (args.batch_size, 1), "--lora-rank": (args.lora_rank, 1),
+                "--prefix-len": (args.prefix_len, 0), "--pretrain-steps": (args.pretrain_steps, 1)}
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--lr", args.lr), ("--lora-lr", args.lora_lr), ("--prefix-lr", args.prefix_lr),
+                        ("--lora-alpha", args.lora_alpha)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+    words = args.verbalizers.split(",") if args.verbalizers else list(GENRES.values())
+    if len(words) != len(GENRES):
+        raise ValueError(f"--verbalizers needs {len(GENRES)} comma-separated words, got {words!r}")
+    try:
+        return ClozeTask(args.pattern, [w.strip() for w in words], list(GENRES.values()))
+    except ValueError as e:
+        raise ValueError(f"--pattern: {e}") from None
+
+
+def _run(args, task: ClozeTask) -> int:
     say = print
     t_start = time.perf_counter()
     run = Path(args.run) if args.run else newest_run(args.out)
@@ -82,10 +106,6 @@ def _run(args) -> int:
         run = _train_quick_run(Path(args.out), args.pretrain_steps, say)
     model, tokenizer = load_run(run)
     max_len = model.config.max_len
-    words = args.verbalizers.split(",") if args.verbalizers else list(GENRES.values())
-    if len(words) != len(GENRES):
-        raise ValueError(f"--verbalizers needs {len(GENRES)} comma-separated words, got {words!r}")
-    task = ClozeTask(args.pattern, [w.strip() for w in words], list(GENRES.values()))
     scorer = ClozeScorer(tokenizer, task, max_len, args.length_penalty, args.mode)
     data = genre_task(args.n_train, args.n_test, args.test_plays, args.chars, args.seed)
     train_ex, test_ex = scorer.encode(data.train_texts), scorer.encode(data.test_texts)
@@ -158,8 +178,8 @@ def _run(args) -> int:
     for name, acc, n, sec in rows:
         print(f"| {name} | {acc:.3f} | {n} | {sec:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_json_atomic(Path(args.json), {
             "run": str(run), "test_plays": data.test_plays, "train_plays": data.train_plays,
             "rows": [{"method": r[0], "accuracy": r[1], "trained_parameters": r[2], "seconds": r[3]} for r in rows],
-            "args": vars(args), "seconds": total}, indent=2) + "\n")
+            "args": vars(args), "seconds": total})
     return 0

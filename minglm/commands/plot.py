@@ -11,8 +11,11 @@
     plot run        --run DIR          all of a run's plots into DIR/plots/
 
 Every command writes one image, `--out FILE` (PNG, SVG or PDF by the suffix; default plot_<what>.png) and prints
-its path. The sample of mask / positions / infill comes from --text (a character tokenizer of the text, or the
-run's tokenizer with --run), from a short excerpt of the run's corpus (--run alone), or the paper's example.
+its path; the file is written through a temporary file and a rename, never through a symbolic link. The sample of
+mask / positions / infill comes from --text (a character tokenizer of the text, or the run's tokenizer with --run),
+from a short excerpt of the run's corpus (--run alone), or the paper's example. A run given with --run is first
+checked against its newest checkpoint (``minglm.runs.verify_run``), so an edited config.json cannot make a plot read
+another corpus. `plot run` that writes no picture exits with code 2.
 Left out: interactive windows (nothing is ever shown; open the file).
 """
 
@@ -24,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minglm.runs import load_run
+from minglm.checkpoint import atomic_write
+from minglm.commands import fail
+from minglm.runs import check_no_links, load_run, verify_run
 from minglm.tokenizer import load_tokenizer
 from viz.attention import plot_attention_weights
 from viz.curves import plot_loss_curves
@@ -116,21 +121,26 @@ def make_figure(args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.what in ("mask", "positions", "infill", "attention", "run") and args.run:
+            verify_run(args.run[0])  # config.json and tokenizer.json must be what the checkpoint was trained with
         if args.what == "run":
             if not args.run:
                 raise ValueError("plot run: pass --run DIR")
-            for p in save_run_plots(args.run[0], seed=args.seed, dpi=args.dpi):
+            check_no_links(args.run[0])
+            written = save_run_plots(args.run[0], seed=args.seed, dpi=args.dpi)
+            if not written:
+                raise ValueError(f"wrote no picture into {Path(args.run[0]) / 'plots'} (the warnings above say why)")
+            for p in written:
                 print(p)
             return 0
-        fig = make_figure(args)
         out = Path(args.out or f"plot_{args.what}.png")
         if out.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise ValueError(f"plot: --out must end in .png, .svg or .pdf, got {str(out)!r}")
+        fig = make_figure(args)
         if out.parent != Path(""):
             out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=args.dpi)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"plot {args.what}: {exc}", file=sys.stderr)
-        return 2
+        atomic_write(out, lambda f: fig.savefig(f, format=out.suffix.lower()[1:], dpi=args.dpi))
+    except (ValueError, OSError) as exc:
+        return fail(exc, prefix=f"plot {args.what}")
     print(out)
     return 0
