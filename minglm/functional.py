@@ -125,13 +125,18 @@ def _erf(x):
     return xp.copysign(out, x)
 
 
-def gelu_tanh_into(x, x2, t, out) -> None:
-    """GLM's GeLU (docs/official-code.md §3) of the array x, written into out: 0.5·x·(1 + tanh(u)),
-    u = c·(x + 0.044715·x³), c = √(2/π).
+def gelu_tanh_plain(x):
+    """GLM's GeLU as the formula reads (docs/official-code.md §3): 0.5·x·(1 + tanh(c·(x + 0.044715·x³))), c = √(2/π).
 
-    x2 = x² and t = tanh(u) are left in their buffers for the backward. The one place the formula is written: the
-    ``GeLUTanh`` op runs it on pieces of a large array, ``gelu_tanh_array`` (inference) on a whole small one.
-    """
+    The plain path: ``GeLUTanh`` computes the same numbers in place and on every core, and is tested against this."""
+    xp = get_xp(x)
+    return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+
+def gelu_tanh_into(x, x2, t, out) -> None:
+    """``gelu_tanh_plain`` of the array x written into out, with no temporaries: x2 = x² and t = tanh(u) are left in
+    their buffers for the backward. ``GeLUTanh`` runs it on pieces of a large array (``parallel.map_rows``),
+    ``gelu_tanh_array`` (inference) on a whole small one."""
     xp = get_xp(x)
     xp.multiply(x, x, out=x2)
     xp.multiply(x2, 0.044715, out=t)  # u = c·(x + 0.044715·x³), built in t's buffer
@@ -144,6 +149,19 @@ def gelu_tanh_into(x, x2, t, out) -> None:
     out *= 0.5
 
 
+def gelu_tanh_backward_into(x, x2, t, grad, out) -> None:
+    """out = grad ⊙ GeLU'(x), in place, from the x² and t = tanh(u) the forward left behind:
+    GeLU'(x) = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²)."""
+    xp = get_xp(x)
+    xp.multiply(x2, 3 * 0.044715, out=out)
+    out += 1.0
+    out *= x
+    out *= 0.5 * _GELU_C
+    out *= 1.0 - t * t
+    out += 0.5 * (1.0 + t)
+    out *= grad
+
+
 def gelu_tanh_array(x):
     """GeLU of a plain array, no graph (decoding: ``nn`` layers' ``infer``)."""
     xp = get_xp(x)
@@ -153,42 +171,23 @@ def gelu_tanh_array(x):
 
 
 class GeLUTanh(Function):
-    """GLM's GeLU (docs/official-code.md §3), ``gelu_tanh_into`` with its derivative
-    d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²), with t = tanh(u).
-    Both directions work on the flat array in cache-sized pieces, spread over the CPU cores (``minglm.parallel``).
-    """
+    """GLM's GeLU, ``gelu_tanh_plain``, in place (``gelu_tanh_into`` / ``gelu_tanh_backward_into``) on the flat array,
+    in cache-sized pieces spread over the CPU cores (``parallel.map_rows``)."""
 
     @staticmethod
     def forward(ctx, x):
         xp = get_xp(x)
         xf = x.reshape(-1)  # flat: a view of a contiguous x
         x2, t, out = xp.empty_like(xf), xp.empty_like(xf), xp.empty_like(xf)
-
-        def piece(r):
-            gelu_tanh_into(xf[r], x2[r], t[r], out[r])
-
-        parallel.parallel_for(piece, parallel.pieces(xf.size, on_gpu=is_cupy(x)))
+        parallel.map_rows(gelu_tanh_into, xf, x2, t, out)
         ctx.x, ctx.x2, ctx.t = xf, x2, t
         return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        x, x2, t = ctx.x, ctx.x2, ctx.t
-        gf = grad.reshape(-1)
-        d = xp.empty_like(x)
-
-        def piece(r):
-            dr, tr = d[r], t[r]
-            xp.multiply(x2[r], 3 * 0.044715, out=dr)  # d = 0.5·x·(1 − t²)·c·(1 + 3·0.044715·x²) + 0.5·(1 + t)
-            dr += 1.0
-            dr *= x[r]
-            dr *= 0.5 * _GELU_C
-            dr *= 1.0 - tr * tr
-            dr += 0.5 * (1.0 + tr)
-            dr *= gf[r]
-
-        parallel.parallel_for(piece, parallel.pieces(d.size, on_gpu=is_cupy(grad)))
+        d = xp.empty_like(ctx.x)
+        parallel.map_rows(gelu_tanh_backward_into, ctx.x, ctx.x2, ctx.t, grad.reshape(-1), d)
         return (d.reshape(grad.shape),)
 
 
@@ -300,8 +299,24 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return LogSoftmax.apply(x, axis=axis)
 
 
+def cross_entropy_plain(logits, targets, mask=None):
+    """The mean of −log softmax(z_n)[t_n] over the rows n (weighted by ``mask`` and divided by its sum, when given),
+    as the formula reads: the plain path that the fused ``CrossEntropy`` is tested against."""
+    xp = get_xp(logits)
+    V = logits.shape[-1]
+    z, t = logits.reshape(-1, V), targets.reshape(-1)
+    m = z.max(axis=-1, keepdims=True)
+    lse = (m + xp.log(xp.exp(z - m).sum(axis=-1, keepdims=True)))[:, 0]  # log Σ_v exp(z_v), stably
+    nll = lse - z[xp.arange(t.size), t]
+    if mask is None:
+        return nll.mean()
+    w = mask.reshape(-1)
+    return (nll * w).sum() / max(float(w.sum()), 1.0)
+
+
 class CrossEntropy(Function):
-    """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...), fused with the softmax.
+    """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...), fused with the softmax
+    (``cross_entropy_plain`` is the formula it is tested against).
 
     loss = Σ_n m_n (lse_n − z_n[t_n]) / Σ_n m_n, with m the optional mask (docs/official-code.md §4: the sum over
     every Part-B target in the batch divided by their count, not a per-sample mean).
@@ -363,10 +378,22 @@ def cross_entropy(logits: Tensor, targets, mask=None) -> Tensor:
 # --- normalisation, embedding, linear -------------------------------------------------------------------------
 
 
-def layer_norm_rows(x, weight, bias, eps: float, out, xhat, rstd) -> None:
-    """LayerNorm of the rows of x (n, C) into out (n, C); x̂ = (x − μ)/σ into xhat and 1/σ into rstd (n, 1), which
-    the backward needs. ``xhat`` may be ``out`` when nothing is kept. The one place the formula is written: the
-    ``LayerNormOp`` runs it on pieces of rows, ``layer_norm_array`` (inference) on all of them."""
+def layer_norm_plain(x, weight, bias=None, eps: float = 1e-5):
+    """LayerNorm as the formula reads: (x − mean)/sqrt(var + eps)·w + b over the last dim.
+
+    The plain path: ``LayerNormOp`` computes the same numbers with ``layer_norm_rows`` in pieces of rows on every core,
+    and is tested against this."""
+    xp = get_xp(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / xp.sqrt(var + eps) * weight
+    return y if bias is None else y + bias
+
+
+def layer_norm_rows(x, out, xhat, rstd, weight, bias, eps: float) -> None:
+    """``layer_norm_plain`` of the rows of x (n, C) into out (n, C), without temporaries of x's size; x̂ = (x − μ)/σ
+    goes into xhat and 1/σ into rstd (n, 1), which the backward needs. ``xhat`` may be ``out`` when nothing is kept.
+    ``LayerNormOp`` runs it on pieces of rows (``parallel.map_rows``), ``layer_norm_array`` (inference) on all."""
     xp = get_xp(x)
     inv_c = 1.0 / x.shape[-1]  # sum·(1/C) rather than mean(): ndarray.mean runs Python code, which shows in decoding
     xc = xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=xhat)
@@ -378,18 +405,32 @@ def layer_norm_rows(x, weight, bias, eps: float, out, xhat, rstd) -> None:
         y += bias
 
 
+def layer_norm_backward_rows(grad, xhat, rstd, dx, weight):
+    """dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂)) with g = grad ⊙ w, written into dx (n, C); returns these rows' shares of
+    dw = Σ grad ⊙ x̂ and db = Σ grad (the caller adds the shares of all pieces)."""
+    xp = get_xp(grad)
+    C = grad.shape[-1]
+    g = xp.multiply(grad, weight, out=dx)
+    mean_gx = xp.einsum("nc,nc->n", g, xhat)[:, None] * (1.0 / C)
+    g -= g.sum(axis=-1, keepdims=True) * (1.0 / C)
+    g -= xhat * mean_gx
+    g *= rstd
+    return xp.einsum("nc,nc->c", grad, xhat), grad.sum(axis=0)
+
+
 def layer_norm_array(x, weight, bias, eps: float = 1e-5):
     """LayerNorm of a plain (n, C) array, no graph (decoding: ``nn.LayerNorm.infer``)."""
     xp = get_xp(x)
     out = xp.empty_like(x)
-    layer_norm_rows(x, weight, bias, eps, out, out, xp.empty((x.shape[0], 1), dtype=x.dtype))
+    layer_norm_rows(x, out, out, xp.empty((x.shape[0], 1), dtype=x.dtype), weight, bias, eps)
     return out
 
 
 class LayerNormOp(Function):
-    """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps) (``layer_norm_rows``).
+    """y = (x − μ)/σ · w + b over the last dim (C), σ = sqrt(var + eps): ``layer_norm_plain``, computed in place by
+    ``layer_norm_rows``.
 
-    With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward is
+    With x̂ = (x − μ)·r, r = 1/σ, and g = dy ⊙ w, the fused backward (``layer_norm_backward_rows``) is
         dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂)),   dw = Σ dy ⊙ x̂,   db = Σ dy,
     the means over C and the sums over every leading dim. (Derive it by writing dx̂/dx and noting that mean(x̂) = 0
     and mean(x̂²) = 1.) Rows are independent, so both directions run over pieces of rows spread over the CPU cores.
@@ -408,36 +449,19 @@ class LayerNormOp(Function):
         x2 = x.reshape(-1, C)  # (N, C)
         xhat, out = xp.empty_like(x2), xp.empty_like(x2)
         rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
-
-        def piece(r):
-            layer_norm_rows(x2[r], weight, bias, eps, out[r], xhat[r], rstd[r])
-
-        parallel.parallel_for(piece, parallel.pieces(x2.shape[0], C, on_gpu=is_cupy(x)))
+        parallel.map_rows(layer_norm_rows, x2, out, xhat, rstd, args=(weight, bias, eps))
         ctx.xhat, ctx.rstd, ctx.weight = xhat, rstd, weight
         return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        xhat, rstd, w = ctx.xhat, ctx.rstd, ctx.weight
-        N, C = xhat.shape
-        g2 = grad.reshape(-1, C)
+        xhat = ctx.xhat
         dx = xp.empty_like(xhat)
-        rows = parallel.pieces(N, C, on_gpu=is_cupy(grad))
-        dw, db = xp.empty((len(rows), C), dtype=w.dtype), xp.empty((len(rows), C), dtype=w.dtype)
-
-        def piece(i):
-            r = rows[i]
-            g = xp.multiply(g2[r], w, out=dx[r])
-            mean_gx = xp.einsum("nc,nc->n", g, xhat[r])[:, None] * (1.0 / C)
-            g -= g.mean(axis=-1, keepdims=True)
-            g -= xhat[r] * mean_gx
-            g *= rstd[r]
-            dw[i] = xp.einsum("nc,nc->c", g2[r], xhat[r])  # this piece's share of the sums over rows
-            db[i] = g2[r].sum(axis=0)
-
-        parallel.parallel_for(piece, list(range(len(rows))))
-        return dx.reshape(grad.shape), dw.sum(axis=0), db.sum(axis=0)
+        shares = parallel.map_rows(layer_norm_backward_rows, grad.reshape(xhat.shape), xhat, ctx.rstd, dx,
+                                   args=(ctx.weight,))
+        dw, db = (sum(part[i] for part in shares) for i in (0, 1))  # in row order: the same sums on any thread count
+        return dx.reshape(grad.shape), dw, db
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -627,34 +651,63 @@ def split(x: Tensor, sections, axis: int = -1) -> list[Tensor]:
 # --- attention ------------------------------------------------------------------------------------------------
 
 
-def _attention_chunks(q, Tk: int) -> list:
-    """The pieces the attention passes are split into: one per batch element (and group of heads when T is long,
-    so a piece's (Tq, Tk) scores stay near 1 MiB, in cache), or the whole array when it is small or on CuPy."""
-    B, H, Tq, _ = q.shape
-    if is_cupy(q) or B * H * Tq * Tk < 2 * parallel.PIECE:
-        return [(slice(None), slice(None))]
-    heads = max(1, min(H, 2 * parallel.PIECE // (Tq * Tk)))
-    return [(slice(b, b + 1), slice(h, h + heads)) for b in range(B) for h in range(0, H, heads)]
+def attention_plain(q, k, v, allowed=None, scale: float | None = None, keep=None):
+    """softmax(q kᵀ·scale) v with the keys a query may not see left out, as the textbook writes it: the plain path
+    that the ``Attention`` op (in place, pieces of the batch on every core) is tested against.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D); ``allowed`` broadcastable to (B, H, Tq, Tk), True = may attend (for GLM,
+    ``minglm.masks.glm_mask``); ``scale`` defaults to 1/√D; ``keep`` the dropout multiplier of the probabilities
+    (0 or 1/(1 − p)), or None. Every query must see at least one key."""
+    xp = get_xp(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ xp.swapaxes(k, -1, -2)) * scale  # (B, H, Tq, Tk)
+    if allowed is not None:
+        s = xp.where(allowed, s, -xp.inf)
+    p = softmax_array(s, -1)
+    if keep is not None:
+        p = p * keep
+    return p @ v  # (B, H, Tq, D)
 
 
-def _piece(a, index):
-    """``a[index]`` for a (B, H, ...) array, or None; a mask broadcast over heads keeps its size-1 axis."""
-    if a is None:
-        return None
-    b, h = index
-    return a[b, h if a.shape[1] != 1 else slice(None)]
+def attention_rows(qs, k, v, allowed, keep, p, o) -> None:
+    """``attention_plain`` of some batch elements, in place: the probabilities into p (b, H, Tq, Tk), the output into
+    o (b, H, Tq, D). ``qs`` already holds the scale; ``allowed`` (b, 1 or H, Tq, Tk) and the dropout multiplier
+    ``keep`` (b, H, Tq, Tk) may be None. A masked score becomes the dtype's lowest number, whose exp() is exactly 0."""
+    xp = get_xp(qs)
+    xp.matmul(qs, xp.swapaxes(k, -1, -2), out=p)  # scores (b, H, Tq, Tk)
+    if allowed is not None:
+        xp.copyto(p, np.finfo(p.dtype).min, where=~allowed)
+    p -= p.max(axis=-1, keepdims=True)  # softmax in place, in p's own buffer
+    xp.exp(p, out=p)
+    p *= 1.0 / p.sum(axis=-1, keepdims=True)
+    xp.matmul(p * keep if keep is not None else p, v, out=o)  # (b, H, Tq, D)
+
+
+def attention_backward_rows(qs, k, v, p, keep, grad, dq, dk, dv) -> None:
+    """The backward of ``attention_rows`` for the same batch elements, into dq, dk, dv (dq still lacks the scale):
+    dv = Pᵀ do, dP = do vᵀ, dp = dP ⊙ keep, ds = p ⊙ (dp − Σ_j dp_j p_j), dq = ds k, dk = dsᵀ qs."""
+    xp = get_xp(qs)
+    pd = p * keep if keep is not None else p
+    xp.matmul(xp.swapaxes(pd, -1, -2), grad, out=dv)
+    ds = grad @ xp.swapaxes(v, -1, -2)  # dP, then turned into dS in place   # (b, H, Tq, Tk)
+    if keep is not None:
+        ds *= keep
+    ds -= xp.einsum("...ij,...ij->...i", ds, p)[..., None]
+    ds *= p
+    xp.matmul(ds, k, out=dq)
+    xp.matmul(xp.swapaxes(ds, -1, -2), qs, out=dk)  # qs already holds the scale
 
 
 class Attention(Function):
-    """Plain (reference) attention: o = softmax(q kᵀ·scale + mask) v, as one op with its own backward.
+    """Plain (reference) attention, ``attention_plain``, as one op with its own backward.
 
     With s = q kᵀ·scale, p = softmax(s) (masked keys get probability exactly 0) and P the dropped-out p:
         dv = Pᵀ do,  dP = do vᵀ,  dp = dP ⊙ keep,  ds = p ⊙ (dp − Σ_j dp_j p_j),  dq = ds k·scale,  dk = dsᵀ q·scale.
     This path stores the (B, H, Tq, Tk) probabilities; the fused kernel (minglm/kernels) never does.
 
-    On NumPy, inputs of more than 1 MiB of scores run the same passes per batch element (and group of heads), the
-    pieces spread over the cores by ``minglm.parallel``; a piece's scores stay in cache between passes. Nothing in
-    the arithmetic changes.
+    Both directions run ``attention_rows`` / ``attention_backward_rows`` on pieces of the batch spread over the CPU
+    cores (``parallel.map_rows``): a piece's scores stay in cache between its passes. Nothing in the arithmetic
+    changes.
     """
 
     @staticmethod
@@ -671,43 +724,17 @@ class Attention(Function):
         else:  # (B, H, Tq, D) with the heads side by side in memory: the caller's permute back to (B, Tq, H·D) is
             o = xp.empty((B, Tq, H, D), dtype=q.dtype).transpose(0, 2, 1, 3)  # a view, not a copy
         qs = q * scale  # scale the (T, D) queries, not the (T, T) scores
-
-        def piece(index):
-            s = _piece(p, index)
-            xp.matmul(_piece(qs, index), xp.swapaxes(_piece(k, index), -1, -2), out=s)  # (b, h, Tq, Tk)
-            if allowed is not None:
-                xp.copyto(s, np.finfo(q.dtype).min, where=~_piece(allowed, index))  # exp() of it is exactly 0
-            s -= s.max(axis=-1, keepdims=True)  # softmax in place, in s's own buffer
-            xp.exp(s, out=s)
-            s *= 1.0 / s.sum(axis=-1, keepdims=True)
-            if keep is not None:
-                s = s * _piece(keep, index)
-            xp.matmul(s, _piece(v, index), out=_piece(o, index))  # (b, h, Tq, D)
-
-        parallel.parallel_for(piece, _attention_chunks(q, Tk))
+        parallel.map_rows(attention_rows, qs, k, v, allowed, keep, p, o)
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale, ctx.keep = qs, k, v, p, scale, keep
         return o
 
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        qs, k, v, p, keep, scale = ctx.q, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale
+        qs, k, v = ctx.q, ctx.k, ctx.v
         dq, dk, dv = (xp.empty(a.shape, a.dtype) for a in (qs, k, v))
-
-        def piece(index):
-            pi, g = _piece(p, index), _piece(grad, index)
-            pd = pi * _piece(keep, index) if keep is not None else pi
-            xp.matmul(xp.swapaxes(pd, -1, -2), g, out=_piece(dv, index))
-            ds = g @ xp.swapaxes(_piece(v, index), -1, -2)  # dP, then turned into dS in place
-            if keep is not None:
-                ds *= _piece(keep, index)
-            ds -= xp.einsum("...ij,...ij->...i", ds, pi)[..., None]
-            ds *= pi
-            xp.matmul(ds, _piece(k, index), out=_piece(dq, index))
-            xp.matmul(xp.swapaxes(ds, -1, -2), _piece(qs, index), out=_piece(dk, index))  # q already holds the scale
-
-        parallel.parallel_for(piece, _attention_chunks(qs, k.shape[2]))
-        dq *= scale
+        parallel.map_rows(attention_backward_rows, qs, k, v, ctx.p, ctx.keep, grad, dq, dk, dv)
+        dq *= ctx.scale
         return dq, dk, dv, None, None, None
 
 
@@ -934,6 +961,35 @@ def grad_scale(x: Tensor, alpha: float) -> Tensor:
     return GradScale.apply(x, alpha=float(alpha))
 
 
+def fp32_softmax_attention_rows(qs, k, v, allowed, keep, p, o, coeff: float) -> None:
+    """GLM-130B's attention of some batch elements, into p (b, H, Tq, Tk) and o (b, H, Tq, D): the scores q̃ kᵀ in the
+    activation dtype (q̃ = ``qs`` = q·scale/c), then cast to at least float32, times c, masked and softmaxed there."""
+    xp = get_xp(qs)
+    acc = np.promote_types(qs.dtype, np.float32)  # the softmax dtype: float32, or float64 for gradient checks
+    s = (qs @ xp.swapaxes(k, -1, -2)).astype(acc)  # computed in the activation dtype, softmaxed in acc
+    s *= coeff
+    if allowed is not None:
+        xp.copyto(s, np.finfo(acc).min, where=~allowed)
+    p[...] = softmax_array(s, -1)  # cast back to the activation dtype
+    xp.matmul(p * keep if keep is not None else p, v, out=o)
+
+
+def fp32_softmax_attention_backward_rows(qs, k, v, p, keep, grad, dq, dk, dv, coeff: float) -> None:
+    """The backward of ``fp32_softmax_attention_rows`` (dq still lacks the scale), the softmax part in float32:
+    ds = p ⊙ (dp − Σ_j dp_j p_j), dq = ds k, dk = dsᵀ q̃·c."""
+    xp = get_xp(qs)
+    acc = np.promote_types(qs.dtype, np.float32)
+    xp.matmul(xp.swapaxes(p * keep if keep is not None else p, -1, -2), grad, out=dv)
+    dp = (grad @ xp.swapaxes(v, -1, -2)).astype(acc)  # (b, H, Tq, Tk)
+    if keep is not None:
+        dp *= keep
+    pa = p.astype(acc, copy=False)
+    ds = (pa * (dp - _rowdot(dp, pa, -1))).astype(qs.dtype, copy=False)
+    xp.matmul(ds, k, out=dq)
+    xp.matmul(xp.swapaxes(ds, -1, -2), qs, out=dk)
+    dk *= coeff
+
+
 class FP32SoftmaxAttention(Function):
     """GLM-130B's attention scores (GLM-130B §3, "FP32 softmax with QKV scaling"; SAT ``glm130B_model.py``,
     ``SelfAttentionWithFP32SoftmaxMixin.attention_fn``).
@@ -941,35 +997,32 @@ class FP32SoftmaxAttention(Function):
     q is divided by √D·c with c = layer + 1 *before* q kᵀ, so the scores are computed c times smaller in the
     activation dtype (float16 there, where plain scores of a deep layer overflow 65504); they are then cast to at
     least float32, multiplied back by c, masked and softmaxed there, and the probabilities cast back. In exact
-    arithmetic softmax(c·(q/(√D·c)) kᵀ) = softmax(q kᵀ/√D): the op equals ``Attention``, only the rounding moves.
-    Backward as ``Attention``, with s = c·(q̃ kᵀ), q̃ = q·scale/c: dq = ds k·scale, dk = dsᵀ q̃·c.
+    arithmetic softmax(c·(q/(√D·c)) kᵀ) = softmax(q kᵀ/√D): the op equals ``attention_plain``, only the rounding
+    moves. Backward as ``Attention``, with s = c·(q̃ kᵀ), q̃ = q·scale/c: dq = ds k·scale, dk = dsᵀ q̃·c.
+    Like ``Attention``, both directions run on pieces of the batch on every core (``parallel.map_rows``).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, allowed, scale, coeff, keep=None):
         xp = get_xp(q)
-        acc = np.promote_types(q.dtype, np.float32)  # the softmax dtype: float32, or float64 for gradient checks
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        if allowed is not None:  # as (B, 1 or H, Tq, Tk), so a piece of it is indexed like a piece of the scores
+            allowed = xp.asarray(allowed, dtype=bool)
+            per_head = allowed.ndim >= 3 and allowed.shape[-3] != 1
+            allowed = xp.broadcast_to(allowed, (B, H if per_head else 1, Tq, Tk))
         qs = q * (scale / coeff)  # (B, H, Tq, D) in the activation dtype
-        s = (qs @ xp.swapaxes(k, -1, -2)).astype(acc)  # (B, H, Tq, Tk), computed in the activation dtype
-        s *= coeff
-        if allowed is not None:
-            xp.copyto(s, np.finfo(acc).min, where=~xp.asarray(allowed, dtype=bool))
-        p = softmax_array(s, -1).astype(q.dtype, copy=False)
-        pk = p * keep if keep is not None else p
-        ctx.qs, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale, ctx.coeff, ctx.acc = qs, k, v, p, keep, scale, coeff, acc
-        return pk @ v
+        p = xp.empty((B, H, Tq, Tk), dtype=q.dtype)
+        o = xp.empty((B, H, Tq, D), dtype=q.dtype)
+        parallel.map_rows(fp32_softmax_attention_rows, qs, k, v, allowed, keep, p, o, args=(coeff,))
+        ctx.qs, ctx.k, ctx.v, ctx.p, ctx.keep, ctx.scale, ctx.coeff = qs, k, v, p, keep, scale, coeff
+        return o
 
     @staticmethod
     def backward(ctx, grad):
         xp = get_xp(grad)
-        p, keep = ctx.p, ctx.keep
-        pk = p * keep if keep is not None else p
-        dv = xp.swapaxes(pk, -1, -2) @ grad
-        dp = (grad @ xp.swapaxes(ctx.v, -1, -2)).astype(ctx.acc)  # (B, H, Tq, Tk)
-        if keep is not None:
-            dp *= keep
-        pa = p.astype(ctx.acc, copy=False)
-        ds = (pa * (dp - _rowdot(dp, pa, -1))).astype(grad.dtype, copy=False)
-        dq = (ds @ ctx.k) * ctx.scale
-        dk = (xp.swapaxes(ds, -1, -2) @ ctx.qs) * ctx.coeff
+        dq, dk, dv = (xp.empty(a.shape, a.dtype) for a in (ctx.qs, ctx.k, ctx.v))
+        parallel.map_rows(fp32_softmax_attention_backward_rows, ctx.qs, ctx.k, ctx.v, ctx.p, ctx.keep, grad,
+                          dq, dk, dv, args=(ctx.coeff,))
+        dq *= ctx.scale
         return dq, dk, dv, None, None, None, None

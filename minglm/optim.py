@@ -130,6 +130,30 @@ def clip_by_global_norm(flat_grad, max_norm: float) -> float:
 # --- AdamW ----------------------------------------------------------------------------------------------------
 
 
+def _scale_rows(x, factor) -> None:
+    x *= factor
+
+
+def adamw_rows(p, g, m, v, t1, t2, b1: float, b2: float, inv_sqrt_bc2: float, eps: float, step: float) -> None:
+    """One Adam step on slices of the flat buffers, in place (t1, t2 are scratch): m = b1·m + (1 − b1)·g,
+    v = b2·v + (1 − b2)·g², p −= step · m / (√v / √(1 − b2^t) + eps), with step = lr / (1 − b1^t). Every pass is
+    elementwise, so ``AdamW.step`` runs it on pieces of the buffers on every core (``parallel.map_rows``)."""
+    xp = get_xp(p)
+    m *= np.float32(b1)
+    xp.multiply(g, np.float32(1.0 - b1), out=t1)
+    m += t1
+    v *= np.float32(b2)
+    xp.multiply(g, g, out=t1)
+    t1 *= np.float32(1.0 - b2)
+    v += t1
+    xp.sqrt(v, out=t1)
+    t1 *= np.float32(inv_sqrt_bc2)
+    t1 += np.float32(eps)
+    xp.divide(m, t1, out=t2)
+    t2 *= np.float32(step)
+    p -= t2
+
+
 class AdamW:
     """AdamW with every parameter a view into one flat float32 buffer (see the module docstring).
 
@@ -225,36 +249,15 @@ class AdamW:
         b1, b2 = self.betas
         self.t += 1
         g, m, v, tmp, tmp2, flat = self.flat_grad, self.m, self.v, self._tmp, self._tmp2, self.flat
-        xp = self.xp
         bc1 = 1.0 - b1**self.t
         bc2 = 1.0 - b2**self.t
         decay = np.float32(1.0 - lr * self.weight_decay)
         n_decay = self.n_decay if self.weight_decay else 0
 
-        def piece(r):  # every pass below is elementwise, so the flat buffer is updated piece by piece
-            p, gr, mr, vr, t1, t2 = flat[r], g[r], m[r], v[r], tmp[r], tmp2[r]  # views of this piece
-            start, stop, _ = r.indices(flat.size)
-            if start < n_decay:  # decoupled weight decay on the decayed prefix, before the Adam step (as PyTorch)
-                decayed = p[: min(stop, n_decay) - start]
-                decayed *= decay
-            # m = b1 m + (1 - b1) g
-            mr *= np.float32(b1)
-            xp.multiply(gr, np.float32(1.0 - b1), out=t1)
-            mr += t1
-            # v = b2 v + (1 - b2) g^2
-            vr *= np.float32(b2)
-            xp.multiply(gr, gr, out=t1)
-            t1 *= np.float32(1.0 - b2)
-            vr += t1
-            # denom = sqrt(v) / sqrt(1 - b2^t) + eps ; p -= lr / (1 - b1^t) * m / denom
-            xp.sqrt(vr, out=t1)
-            t1 *= np.float32(1.0 / math.sqrt(bc2))
-            t1 += np.float32(self.eps)
-            xp.divide(mr, t1, out=t2)
-            t2 *= np.float32(lr / bc1)
-            p -= t2
-
-        parallel.parallel_for(piece, parallel.pieces(flat.size, on_gpu=xp is not np))
+        if n_decay:  # decoupled weight decay on the decayed prefix, before the Adam step (as PyTorch)
+            parallel.map_rows(_scale_rows, flat[:n_decay], args=(decay,))
+        parallel.map_rows(adamw_rows, flat, g, m, v, tmp, tmp2,
+                          args=(b1, b2, 1.0 / math.sqrt(bc2), self.eps, lr / bc1))
         self._gathered = False
 
     # --- exact save / restore ---------------------------------------------------------------------------------

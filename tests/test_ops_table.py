@@ -32,6 +32,7 @@ from hypothesis.extra import numpy as hnp
 import minglm.functional as F
 import minglm.kernels  # noqa: F401 - the flash row's Function must be importable for the coverage test
 from minglm.backend import to_device, to_numpy
+from minglm.masks import glm_mask
 from minglm.tensor import Function, Tensor
 from minglm.testing import gradcheck
 
@@ -95,9 +96,12 @@ def distinct(rng, *shape):
 _erf = np.vectorize(math.erf)
 
 
-def softmax_ref(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+# The ops with a fused or threaded form are checked against the library's own plain formulas (F.*_plain): a lesson
+# calls the same functions. softmax_array is the plain softmax the Softmax op and decoding use.
+softmax_ref = F.softmax_array
+gelu_tanh_ref = F.gelu_tanh_plain
+layer_norm_ref = F.layer_norm_plain
+cross_entropy_ref = F.cross_entropy_plain
 
 
 def log_softmax_ref(x, axis=-1):
@@ -105,29 +109,8 @@ def log_softmax_ref(x, axis=-1):
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def gelu_tanh_ref(x):
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 def gelu_exact_ref(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
-
-
-def layer_norm_ref(x, w, b=None, eps=1e-5):
-    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w
-    return y if b is None else y + b
-
-
-def cross_entropy_ref(z, t, mask=None):
-    V = z.shape[-1]
-    z2, t2 = z.reshape(-1, V), t.reshape(-1)
-    m = z2.max(-1, keepdims=True)
-    lse = (m + np.log(np.exp(z2 - m).sum(-1, keepdims=True)))[:, 0]
-    nll = lse - z2[np.arange(t2.size), t2]
-    if mask is None:
-        return nll.mean()
-    w = mask.reshape(-1)
-    return (nll * w).sum() / max(w.sum(), 1.0)
 
 
 def dropout_keep(shape, p, seed):
@@ -137,22 +120,11 @@ def dropout_keep(shape, p, seed):
 
 
 def attention_ref(q, k, v, sep=None, mask=None, scale=None, keep=None):
-    """Dense masked attention by hand. Key j is visible to query i of sample b when j < sep[b] or j <= i + Tk - Tq."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = q @ np.swapaxes(k, -1, -2) * scale  # (B, H, Tq, Tk)
-    allowed = np.ones((B, 1, Tq, Tk), dtype=bool)
-    if sep is not None:
-        i = np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, 1) absolute query positions
-        j = np.arange(Tk)[None, :]  # (1, Tk)
-        allowed = (j < np.asarray(sep).reshape(-1, 1, 1, 1)) | (j <= i)  # (B, 1, Tq, Tk)
+    """``F.attention_plain`` with GLM's mask (minglm.masks.glm_mask) from sep, and an explicit mask, combined."""
+    allowed = None if sep is None else glm_mask(np, sep, q.shape[2], k.shape[2])  # (B, 1, Tq, Tk)
     if mask is not None:
-        allowed = allowed & mask
-    p = softmax_ref(np.where(allowed, s, -np.inf), axis=-1)
-    if keep is not None:
-        p = p * keep
-    return p @ v  # (B, H, Tq, D)
+        allowed = mask if allowed is None else allowed & mask
+    return F.attention_plain(q, k, v, allowed, scale, keep)  # (B, H, Tq, D)
 
 
 def geglu_ref(u):
@@ -432,7 +404,7 @@ def test_backward_gradcheck(name, xp):
 
 
 # --- the same rows cut into pieces and run on 2 threads (minglm/parallel.py) ----------------------------------------
-PIECED = ("GeLUTanh", "LayerNormOp", "Attention")  # the Functions that split their passes with parallel.pieces
+PIECED = ("GeLUTanh", "LayerNormOp", "Attention", "FP32SoftmaxAttention")  # the Functions run by parallel.map_rows
 
 
 @pytest.fixture

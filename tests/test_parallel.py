@@ -28,50 +28,74 @@ def two_threads():
     parallel.set_num_threads(before)
 
 
-def test_every_item_once_and_two_at_a_time(two_threads):
-    barrier = threading.Barrier(2, timeout=10)  # breaks (an error) unless two items really run at once
+def test_every_piece_once_and_two_at_a_time(two_threads, monkeypatch):
+    monkeypatch.setattr(parallel, "PIECE", 1)
+    barrier = threading.Barrier(2, timeout=10)  # breaks (an error) unless two pieces really run at once
     seen, lock = [], threading.Lock()
 
-    def work(i):
-        if i in (0, 5):  # the first item of each thread's run meets the other thread here
+    def work(rows):
+        if rows[0] in (0, 5):  # the first piece of each thread's run meets the other thread here
             barrier.wait()
         with lock:
-            seen.append((i, threading.get_ident()))
+            seen.append((int(rows[0]), threading.get_ident()))
+        return int(rows[0])
 
-    parallel.parallel_for(work, list(range(10)))
+    assert parallel.map_rows(work, np.arange(10)) == list(range(10))  # the results come back in row order
     assert sorted(i for i, _ in seen) == list(range(10))
     assert len({t for _, t in seen}) == 2
 
 
-def test_an_error_in_another_thread_is_raised(two_threads):
-    def work(i):
-        if i == 7:
-            raise ValueError("item 7 failed")
+def test_an_error_in_another_thread_is_raised(two_threads, monkeypatch):
+    monkeypatch.setattr(parallel, "PIECE", 1)
 
-    with pytest.raises(ValueError, match="item 7 failed"):
-        parallel.parallel_for(work, list(range(8)))
+    def work(rows):
+        if rows[0] == 7:
+            raise ValueError("row 7 failed")
+
+    with pytest.raises(ValueError, match="row 7 failed"):
+        parallel.map_rows(work, np.arange(8))
     out = np.zeros(4)
-    parallel.parallel_for(lambda i: out.__setitem__(i, 1.0), [0, 1, 2, 3])  # the pool still works afterwards
+    parallel.map_rows(lambda o: o.__setitem__(slice(None), 1.0), out)  # the pool still works afterwards
     assert out.tolist() == [1.0] * 4
 
 
-def test_nested_call_runs_inline(two_threads):
+def test_nested_call_runs_inline(two_threads, monkeypatch):
+    monkeypatch.setattr(parallel, "PIECE", 1)
     out = np.zeros((4, 4))
 
-    def inner(i, j):
-        out[i, j] = i * 4 + j
+    def inner(row, col):
+        row[:, col] = 1.0
 
-    parallel.parallel_for(lambda i: parallel.parallel_for(lambda j: inner(i, j), list(range(4))), list(range(4)))
-    assert out.ravel().tolist() == list(range(16))
+    parallel.map_rows(lambda rows: parallel.map_rows(lambda c: inner(rows, c), np.arange(4)), out)
+    assert out.ravel().tolist() == [1.0] * 16
 
 
-def test_blas_threads_are_restored(two_threads):
+def test_map_rows_arguments(two_threads, monkeypatch):
+    """None stands for an absent optional array, ``args`` are passed whole, mismatched rows are refused, and small
+    arrays go in one call."""
+    monkeypatch.setattr(parallel, "PIECE", 2)
+    x, out = np.arange(12.0).reshape(6, 2), np.zeros((6, 2))
+
+    def axpy(x, y, out, a):
+        out[...] = a * x + (0.0 if y is None else y)
+        return len(x)
+
+    assert parallel.map_rows(axpy, x, None, out, args=(3.0,)) == [1] * 6
+    np.testing.assert_array_equal(out, 3.0 * x)
+    with pytest.raises(ValueError, match="same first axis"):
+        parallel.map_rows(axpy, x, np.zeros((5, 2)), out, args=(1.0,))
+    monkeypatch.setattr(parallel, "PIECE", 1 << 17)
+    assert parallel.map_rows(axpy, x, None, out, args=(1.0,)) == [6]
+
+
+def test_blas_threads_are_restored(two_threads, monkeypatch):
     blas = parallel._state["blas"]
     if blas is None:
         pytest.skip("threadpoolctl found no BLAS it can control")
+    monkeypatch.setattr(parallel, "PIECE", 1)
     before = [c.num_threads for c in blas.lib_controllers]
     inside = []
-    parallel.parallel_for(lambda i: inside.append([c.num_threads for c in blas.lib_controllers]), [0, 1])
+    parallel.map_rows(lambda r: inside.append([c.num_threads for c in blas.lib_controllers]), np.arange(2))
     assert all(n == 1 for row in inside for n in row), "BLAS was not held at one thread inside the region"
     assert [c.num_threads for c in blas.lib_controllers] == before
 
@@ -92,7 +116,6 @@ def test_bad_thread_counts(monkeypatch):
 def test_pieces_cover_the_axis_once(monkeypatch):
     monkeypatch.setattr(parallel, "PIECE", 10)
     assert parallel.pieces(15) == [slice(None)]  # under two pieces' worth: one piece
-    assert parallel.pieces(100, on_gpu=True) == [slice(None)]
     for n, row in ((20, 1), (101, 1), (37, 3), (9, 50)):
         covered = np.zeros(n, dtype=int)
         for r in parallel.pieces(n, row):
@@ -155,7 +178,7 @@ def test_large_attention_uses_pieces_and_matches(two_threads):
     """At a size where the real pieces apply (per batch element), the pieced attention equals the one-piece one."""
     rng = np.random.default_rng(0)
     q, k, v = (Tensor(rng.standard_normal((2, 2, 256, 16)).astype(np.float32), requires_grad=True) for _ in range(3))
-    assert len(F._attention_chunks(q.data, 256)) > 1
+    assert len(parallel.pieces(2, 2 * 256 * 256)) > 1
     sep = np.array([100, 0])
     out = F.scaled_dot_product_attention(q, k, v, sep, impl="plain")
     g = rng.standard_normal(out.shape).astype(np.float32)

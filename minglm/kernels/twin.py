@@ -5,8 +5,8 @@ query tiles and key tiles as ``flash_attn.cu``, keeps the same running statistic
 output accumulator ``acc``), skips the same fully masked tiles, and saves the same log-sum-exp for the backward.
 Where the kernel runs one thread block per (sample, head, tile), the twin runs one batched ``np.matmul`` over all
 samples and heads per tile pair, so it is also the fast CPU path for long sequences (see ``TWIN_MIN_T``). On NumPy
-a batch of several samples is cut into one piece per sample, spread over the CPU cores (``minglm.parallel``): a
-sample's tiles stay in cache, and the numbers are the same as in one batched pass.
+a batch of several samples is cut into pieces of samples (one each at long T), spread over the CPU cores
+(``parallel.map_rows``): a sample's tiles stay in cache, and the numbers are the same as in one batched pass.
 
 Glossary: B = batch, H = heads, T = sequence length, D = head size, bq/bk = query/key tile sizes.
 
@@ -60,7 +60,7 @@ from __future__ import annotations
 import numpy as np
 
 from minglm import parallel
-from minglm.backend import get_xp, is_cupy, to_numpy
+from minglm.backend import get_xp, to_numpy
 
 # 256×256 tiles: big enough for efficient batched GEMMs, small enough that the skipped tiles follow the mask closely
 # (at T 2048 with random sep they compute 66 % of the full score matrix; 256×512 tiles compute 73 %).
@@ -155,13 +155,6 @@ def _tile_mask(xp, sep_h, len_h, sep_col, len_col, i0: int, i1: int, j0: int, j1
     return visible
 
 
-def _per_sample(q) -> bool:
-    """Whether to run a NumPy batch as one piece per sample (``minglm.parallel``); never on CuPy or for one sample.
-    Decided by sizes only, and a sample's numbers are the same either way."""
-    B, H, T, _ = q.shape
-    return not is_cupy(q) and B > 1 and H * T * T >= parallel.PIECE
-
-
 class _Buffer:
     """One flat scratch array handed out as contiguous views of any shape up to its size (no per-tile allocs)."""
 
@@ -182,16 +175,14 @@ def flash_attention_forward(q, k, v, sep, scale=None, block_q=DEFAULT_BLOCK_Q, b
     """
     xp = get_xp(q)
     sep_h, len_h = _check_inputs("flash_attention_forward", q, k, v, sep, lengths)
-    if _per_sample(q):
-        o, lse = xp.empty_like(q), xp.empty(q.shape[:3], dtype=q.dtype)
+    o, lse = xp.empty_like(q), xp.empty(q.shape[:3], dtype=q.dtype)
+    parallel.map_rows(_forward_rows, q, k, v, sep_h, len_h, o, lse, args=(scale, block_q, block_k))
+    return o, lse
 
-        def piece(b):
-            one = slice(b, b + 1)
-            o[one], lse[one] = flash_attention_forward(q[one], k[one], v[one], sep_h[one], scale, block_q, block_k,
-                                                       None if len_h is None else len_h[one])
 
-        parallel.parallel_for(piece, list(range(q.shape[0])))
-        return o, lse
+def _forward_rows(q, k, v, sep_h, len_h, o_out, lse_out, scale, block_q, block_k) -> None:
+    """The tiled forward of some samples (``sep_h``/``len_h`` their host values), written into o_out and lse_out."""
+    xp = get_xp(q)
     q, k, v = (_zero_padding(xp, a, len_h) for a in (q, k, v))  # padded rows read as 0, like the kernel
     k, v = _blas_ready(xp, k), _blas_ready(xp, v)
     B, H, T, D = q.shape
@@ -254,7 +245,7 @@ def flash_attention_forward(q, k, v, sep, scale=None, block_q=DEFAULT_BLOCK_Q, b
     if order is not None:
         inverse = xp.asarray(np.argsort(order))
         o, lse = o[inverse], lse[inverse]
-    return o, lse
+    o_out[...], lse_out[...] = o, lse
 
 
 def flash_attention_backward(
@@ -273,17 +264,15 @@ def flash_attention_backward(
             f"flash_attention_backward: expected o, do {q.shape} and lse {(B, H, T)}, "
             f"got o {o.shape}, do {do.shape}, lse {lse.shape}"
         )
-    if _per_sample(q):
-        dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(q), xp.empty_like(q)
+    parallel.map_rows(_backward_rows, q, k, v, o, lse, do, sep_h, len_h, dq, dk, dv, args=(scale, block_q, block_k))
+    return dq, dk, dv
 
-        def piece(b):
-            one = slice(b, b + 1)
-            dq[one], dk[one], dv[one] = flash_attention_backward(
-                q[one], k[one], v[one], o[one], lse[one], do[one], sep_h[one], scale, block_q, block_k,
-                None if len_h is None else len_h[one])
 
-        parallel.parallel_for(piece, list(range(B)))
-        return dq, dk, dv
+def _backward_rows(q, k, v, o, lse, do, sep_h, len_h, dq_out, dk_out, dv_out, scale, block_q, block_k) -> None:
+    """The tiled backward of some samples, written into dq_out, dk_out, dv_out."""
+    xp = get_xp(q)
+    B, H, T, D = q.shape
     dt = q.dtype
     q, k, v, o, do, lse = (_zero_padding(xp, a, len_h) for a in (q, k, v, o, do, lse))  # padded rows read as 0
     do, lse = _blas_ready(xp, do.astype(dt, copy=False)), lse.astype(dt, copy=False)
@@ -350,4 +339,4 @@ def flash_attention_backward(
     if order is not None:
         inverse = xp.asarray(np.argsort(order))
         dq, dk, dv = dq[inverse], dk[inverse], dv[inverse]
-    return dq, dk, dv
+    dq_out[...], dk_out[...], dv_out[...] = dq, dk, dv
