@@ -23,8 +23,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from minglm.backend import tune_malloc
-
 COMMANDS = {
     "train": "train a GLM (no arguments: the default config on Shakespeare, CPU)",
     "fill": "fill the blanks of a text with a trained run",
@@ -70,6 +68,5 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"minglm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    tune_malloc()  # fewer page faults from the large per-step temporaries (see its docstring)
     module = importlib.import_module(f"minglm.commands.{command}")
     return int(module.main(rest) or 0)
