@@ -311,16 +311,98 @@ def _explicit_max_len(args) -> bool:
     return False
 
 
+def _flags(args) -> dict:
+    """The TrainConfig fields given as flags (None: not given)."""
+    return {"steps": args.steps, "seed": args.seed, "device": args.device, "corpus": args.corpus,
+            "objective": args.objective, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
+            "keep": args.keep, "time_limit": args.time_limit}
+
+
+def note(text: str) -> None:
+    """What the user must hear even with --quiet: a checkpoint passed over, a changed budget, ..."""
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _new_run_config(args) -> tuple[str | None, dict, TrainConfig]:
+    """(preset, model dict, TrainConfig) of a new run: the preset or file, then --set, then the flags."""
+    preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
+    apply_overrides(model_dict, train_dict, args.set, field_types(GLMConfig))
+    if os.environ.get("MINGLM_ATTENTION") and "attention" not in model_dict:  # the one place it is read
+        model_dict["attention"] = os.environ["MINGLM_ATTENTION"].strip().lower()
+    train_dict.update({k: v for k, v in _flags(args).items() if v is not None})
+    cfg = make_train_config(train_dict)
+    if cfg.corpus not in CORPUS_NAMES:  # recorded absolute, so that --resume works from any directory
+        cfg.corpus = os.path.abspath(cfg.corpus)
+    return preset, model_dict, cfg
+
+
+def _resume_config(args, run_dir: Path, from_step: int | None):
+    """(checkpoint or None for step 0, preset, GLMConfig, tokenizer, TrainConfig) of the run ``--resume`` continues.
+
+    The model and training config come from the checkpoint (``check_run``: config.json and tokenizer.json must
+    agree); the fields --resume may change come from config.json, then from the flags, and a change is announced.
+    """
+    blocked = [f for f in ("config", "corpus", "objective", "seed") if getattr(args, f) is not None] + \
+        (["set"] if args.set else [])
+    if blocked:
+        raise ValueError(f"--resume continues a run with its saved config; drop --{', --'.join(blocked)}")
+    record, notes = resume_point(run_dir, from_step)
+    for line in notes:
+        note(line)
+    saved = read_json(run_dir / "config.json")
+    saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    ckpt = None
+    if record is not None:
+        ckpt = load_checkpoint(record)
+        mcfg, tokenizer, saved = check_run(run_dir, ckpt)  # the checkpoint is the truth
+        train_dict = dict(ckpt.meta.get("train_config") or saved_train)
+        train_dict.update({k: saved_train[k] for k in RESUMABLE_FIELDS if k in saved_train})  # the budget now
+    else:  # nothing trained yet: the run starts again from its config.json and tokenizer.json
+        tokenizer = read_tokenizer(run_dir / "tokenizer.json")
+        mcfg = model_config_from(saved.get("model"), f"{run_dir / 'config.json'} model")
+        train_dict = dict(saved_train)
+    train_dict.update({k: v for k, v in _flags(args).items() if v is not None})
+    try:
+        cfg = make_train_config(train_dict)
+    except ValueError as e:
+        raise ValueError(f"{run_dir / 'config.json'}: {e}") from e
+    for key in RESUMABLE_FIELDS:
+        if key in saved_train and saved_train[key] != getattr(cfg, key):
+            why = "; the cosine schedule now ends there" if key == "steps" else ""
+            note(f"--resume changes the run's {key} from {saved_train[key]!r} to {getattr(cfg, key)!r} "
+                 f"(written to config.json{why})")
+    if mcfg.seq_len not in (None, cfg.seq_len) or mcfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"{run_dir / 'config.json'}: the model (seq_len {mcfg.seq_len}, vocab_size "
+                         f"{mcfg.vocab_size}) does not fit the training seq_len {cfg.seq_len} or the tokenizer's "
+                         f"{tokenizer.vocab_size} ids")
+    return ckpt, saved.get("preset"), mcfg, tokenizer, cfg
+
+
+def _create_run_folder(args, name: str, tokenizer, config_record: dict, held: contextlib.ExitStack) -> Path:
+    """Create (or, with --overwrite, empty) the new run's folder, take its lock, write its first files."""
+    out = Path(args.out)
+    if args.overwrite and (out / name).exists():
+        run_dir = out / name
+        check_no_links(run_dir)
+        held.enter_context(run_lock(run_dir))
+        _clear_for_overwrite(run_dir)
+        note(f"--overwrite: started {run_dir} again (it held no checkpoint)")
+    else:
+        run_dir = _make_run_dir(out, name, numbered=not args.name)
+        held.enter_context(run_lock(run_dir))
+    try:
+        write_json_atomic(run_dir / "tokenizer.json", tokenizer_record(tokenizer)[0], indent=None)
+        atomic_write(run_dir / "log.jsonl", lambda f: None)
+        write_json_atomic(run_dir / "config.json", config_record)
+    except (OSError, ValueError):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a folder that could not be written is not left behind
+        raise
+    return run_dir
+
+
 def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
-    model_fields = field_types(GLMConfig)
-    flags = {"steps": args.steps, "seed": args.seed, "device": args.device, "corpus": args.corpus,
-             "objective": args.objective, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
-             "keep": args.keep, "time_limit": args.time_limit}
     verbose = not args.quiet
     say = print if verbose else (lambda *a, **k: None)
-
-    def note(text: str) -> None:  # what the user must hear even with --quiet
-        print(f"note: {text}", file=sys.stderr)
 
     # 1. every input, checked before anything is written ---------------------------------------------------------
     spike = _steps_list(args.inject_spike_at, "--inject-spike-at")
@@ -332,52 +414,13 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
         raise ValueError("--overwrite goes with --name NAME (and not with --resume)")
     if args.name is not None:
         _check_name(args.name)
-    ckpt = None
     if args.resume:
-        blocked = [f for f in ("config", "corpus", "objective", "seed") if getattr(args, f) is not None] + \
-            (["set"] if args.set else [])
-        if blocked:
-            raise ValueError(f"--resume continues a run with its saved config; drop --{', --'.join(blocked)}")
         run_dir = _resolve_resume(args.resume, args.out)
         check_no_links(run_dir)
         held.enter_context(run_lock(run_dir))  # before reading: another writer may be mid-checkpoint
-        record, notes = resume_point(run_dir, from_step)
-        for line in notes:
-            note(line)
-        saved = read_json(run_dir / "config.json")
-        saved_train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
-        if record is not None:
-            ckpt = load_checkpoint(record)
-            mcfg, tokenizer, saved = check_run(run_dir, ckpt)  # the checkpoint is the truth
-            train_dict = dict(ckpt.meta.get("train_config") or saved_train)
-            train_dict.update({k: saved_train[k] for k in RESUMABLE_FIELDS if k in saved_train})  # the budget now
-        else:  # nothing trained yet: the run starts again from its config.json and tokenizer.json
-            tokenizer = read_tokenizer(run_dir / "tokenizer.json")
-            mcfg = model_config_from(saved.get("model"), f"{run_dir / 'config.json'} model")
-            train_dict = dict(saved_train)
-        preset = saved.get("preset")
-        train_dict.update({k: v for k, v in flags.items() if v is not None})
-        try:
-            cfg = make_train_config(train_dict)
-        except ValueError as e:
-            raise ValueError(f"{run_dir / 'config.json'}: {e}") from e
-        for key in RESUMABLE_FIELDS:
-            if key in saved_train and saved_train[key] != getattr(cfg, key):
-                why = "; the cosine schedule now ends there" if key == "steps" else ""
-                note(f"--resume changes the run's {key} from {saved_train[key]!r} to {getattr(cfg, key)!r} "
-                     f"(written to config.json{why})")
-        if mcfg.seq_len not in (None, cfg.seq_len):
-            raise ValueError(f"{run_dir / 'config.json'}: train seq_len {cfg.seq_len} differs from the model's "
-                             f"{mcfg.seq_len}")
+        ckpt, preset, mcfg, tokenizer, cfg = _resume_config(args, run_dir, from_step)
     else:
-        preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
-        apply_overrides(model_dict, train_dict, args.set, model_fields)
-        if os.environ.get("MINGLM_ATTENTION") and "attention" not in model_dict:  # the one place it is read
-            model_dict["attention"] = os.environ["MINGLM_ATTENTION"].strip().lower()
-        train_dict.update({k: v for k, v in flags.items() if v is not None})
-        cfg = make_train_config(train_dict)
-        if cfg.corpus not in CORPUS_NAMES:  # recorded absolute, so that --resume works from any directory
-            cfg.corpus = os.path.abspath(cfg.corpus)
+        preset, model_dict, cfg = _new_run_config(args)
     xp = _device(cfg.device)
 
     # data and tokenizer
@@ -395,9 +438,6 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
               f"they become [UNK]", file=sys.stderr)
     if not args.resume:
         mcfg = _model_config(model_dict, cfg, tokenizer.vocab_size, _explicit_max_len(args))
-    elif mcfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"{run_dir / 'config.json'}: model vocab_size {mcfg.vocab_size} is smaller than the "
-                         f"tokenizer's {tokenizer.vocab_size}")
 
     # model, optimizer, loaders (the rng: model init, then data order, blanks and dropout)
     rng = np.random.default_rng(cfg.seed)
@@ -418,30 +458,11 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
     config_record = {"preset": preset, "model": mcfg.to_dict(), "train": cfg.to_dict()}
 
     # 2. the run folder: created (or taken over) only now, and locked ----------------------------------------------
-    if args.resume:
-        trainer_dir = run_dir
-    else:
-        out = Path(args.out)
+    if not args.resume:
         name = args.name or f"{corpus.name}-{preset or 'custom'}-{cfg.objective}".replace("/", "_")
-        if args.overwrite and (out / name).exists():
-            run_dir = out / name
-            check_no_links(run_dir)
-            held.enter_context(run_lock(run_dir))
-            _clear_for_overwrite(run_dir)
-            note(f"--overwrite: started {run_dir} again (it held no checkpoint)")
-        else:
-            run_dir = _make_run_dir(out, name, numbered=not args.name)
-            held.enter_context(run_lock(run_dir))
-        trainer_dir = run_dir
-        try:
-            write_json_atomic(run_dir / "tokenizer.json", tokenizer_record(tokenizer)[0], indent=None)
-            atomic_write(run_dir / "log.jsonl", lambda f: None)
-            write_json_atomic(run_dir / "config.json", config_record)
-        except (OSError, ValueError):
-            shutil.rmtree(run_dir, ignore_errors=True)  # a folder that could not be written is not left behind
-            raise
-    trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=trainer_dir / "ckpt",
-                      log_path=trainer_dir / "log.jsonl", meta=meta, expect=expect,
+        run_dir = _create_run_folder(args, name, tokenizer, config_record, held)
+    trainer = Trainer(model, optimizer, schedule, loader, rng, cfg, val_batches, ckpt_dir=run_dir / "ckpt",
+                      log_path=run_dir / "log.jsonl", meta=meta, expect=expect,
                       fault_hook=make_fault_hook(spike, nan), verbose=verbose)
     if args.resume:
         if ckpt is not None:
