@@ -7,18 +7,18 @@ tests/test_layers.py checks every import.
 """
 
 import os
-import sys
 
-# OpenBLAS's idle threads spin for about 0.1 s (2^28 cycles) after each matrix product before they sleep. minglm
-# runs its non-GEMM passes on the same cores between the products (minglm/parallel.py), and a spinning BLAS thread
-# takes a core from them: the small benchmark step on 2 cores was 10-20 % slower. 2^18 cycles (about 0.1 ms) keeps
-# back-to-back products fast (2^14 made the many small products of the default training run 15 % slower) and frees
-# the cores soon after. OpenBLAS reads this once, when NumPy loads it, so it only takes effect when minglm is imported
-# before NumPy (``python -m minglm ...`` always is), and a value the user set is kept.
-if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
+# Process-wide tuning for CPU training (minglm/backend.py, ``tune_process``): a shorter spin of OpenBLAS's idle threads
+# and a malloc that keeps large blocks. It is applied here, at import, whatever was imported before; MINGLM_TUNE=0 turns
+# it off. When NumPy is not loaded yet, OpenBLAS picks the spin up from the environment as it loads (the cheap way).
+if os.environ.get("MINGLM_TUNE", "1") != "0":
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")  # = backend.SPIN, set before NumPy loads OpenBLAS
 
-from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad
+from minglm.backend import tune_process  # noqa: E402 - after the environment is set
+
+tune_process()
+
+from minglm.tensor import Function, Tensor, is_grad_enabled, no_grad  # noqa: E402
 
 # ``minglm.Tensor(data, requires_grad=True)`` makes a tensor; the name ``minglm.tensor`` is left to the module, so
 # ``import minglm.tensor`` and ``minglm.tensor.Tensor`` mean what they say.

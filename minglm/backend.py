@@ -139,16 +139,75 @@ def scatter_add(target, index, values) -> None:
         np.add.at(target, index, values)
 
 
+SPIN = "18"  # OPENBLAS_THREAD_TIMEOUT: idle BLAS threads spin 2^18 cycles (about 0.1 ms) instead of 2^28 (0.1 s)
+_tuned: dict = {}  # what tune_process applied, for the benchmarks' header and the tests
+
+
+def tune_process() -> dict:
+    """Process-wide settings that a training step on the CPU needs, applied by ``import minglm`` (minglm/__init__.py)
+    whatever was imported before it, so a notebook that imports NumPy first trains as fast as ``python -m minglm``.
+    ``MINGLM_TUNE=0`` (set before the import) turns all of it off. Returns what was applied (also ``tuning()``):
+
+    - ``malloc``: glibc keeps freed large blocks for reuse (``tune_malloc``);
+    - ``openblas_spin``: OpenBLAS's idle threads spin about 0.1 ms after a matrix product instead of 0.1 s, so they
+      leave the cores to minglm's own threads for the passes between products (minglm/parallel.py; 10-20 % of the
+      small step on 2 cores). OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` when it is loaded; when NumPy loaded it
+      before minglm, it is told to read it again and its threads are restarted (``tune_openblas_spin``). A value the
+      user set is kept.
+    """
+    if os.environ.get("MINGLM_TUNE", "1") == "0":
+        _tuned.clear()
+        return {}
+    _tuned.update(malloc=tune_malloc(), openblas_spin=tune_openblas_spin())
+    return dict(_tuned)
+
+
+def tuning() -> dict:
+    """What ``tune_process`` applied in this process ({} when it was turned off)."""
+    return dict(_tuned)
+
+
+def _openblas():
+    """The OpenBLAS library NumPy loaded, as a ctypes handle, or None (another BLAS, or no threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - optional, as in minglm/parallel.py
+        libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
+        return ctypes.CDLL(libs[0].filepath) if libs else None
+    except Exception:  # no threadpoolctl, or a library it cannot read
+        return None
+
+
+def tune_openblas_spin() -> int | None:
+    """Make OpenBLAS's idle threads go to sleep after about 0.1 ms (``OPENBLAS_THREAD_TIMEOUT``, unless the user set
+    it). Returns the timeout OpenBLAS now uses (the exponent of its spin cycles), or None when NumPy's BLAS is not an
+    OpenBLAS that can be told.
+
+    The variable is read by OpenBLAS once, when it is loaded, and its threads keep the value they started with. So
+    when NumPy is already loaded with another value, OpenBLAS re-reads its environment (``openblas_read_env``) and
+    its idle threads are shut down (``blas_thread_shutdown_``, what OpenBLAS itself does before a fork); the next
+    product starts them again with the new value. Call it while no other thread runs a matrix product.
+    """
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", SPIN)
+    lib = _openblas()
+    names = ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_")
+    if lib is None or not all(hasattr(lib, n) for n in names):
+        return None
+    wanted = int(os.environ["OPENBLAS_THREAD_TIMEOUT"])
+    if lib.openblas_thread_timeout() != wanted:
+        lib.openblas_read_env()
+        lib.blas_thread_shutdown_()
+    return int(lib.openblas_thread_timeout())
+
+
 def tune_malloc() -> bool:
     """Keep freed large blocks in the process instead of returning them to the OS (Linux glibc only).
 
     A training step allocates and frees the same few large temporaries every time. By default glibc serves blocks
     over 128 KiB with mmap and unmaps them on free, so every step page-faults them in again; that cost 6-8 ms per
     softmax of 16 MiB here. Raising M_MMAP_THRESHOLD (to 32 MiB, glibc's maximum) and M_TRIM_THRESHOLD makes
-    those blocks reusable. Called by the command line and the benchmarks; set MINGLM_TUNE_MALLOC=0 to skip it.
-    Returns True when the setting was applied.
+    those blocks reusable. Part of ``tune_process``. Returns True when the setting was applied.
     """
-    if os.environ.get("MINGLM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -285,7 +285,7 @@ def test_bench_train_flop_count_and_smoke(capsys):
     assert round(dense / 1e9, 1) == 39.5 and round(attention / 1e9, 1) == 6.4  # docs/performance.md's numbers
     assert bench.main(["--configs", "tiny", "--steps", "1", "--rounds", "1", "--batch", "1", "--no-torch"]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "ms/step" in out
+    assert "tiny" in out and "ms/step" in out and "NumPy-first" in out and "CPU:" in out
 
 
 def test_overfits_one_batch_with_sgd():

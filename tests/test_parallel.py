@@ -197,23 +197,55 @@ def test_large_attention_uses_pieces_and_matches(two_threads):
         np.testing.assert_array_equal(a, t.grad)
 
 
-@pytest.mark.parametrize("code, env, expected", [
-    ("import minglm", None, "18"),  # minglm first: it shortens OpenBLAS's idle spin
-    ("import minglm", "25", "25"),  # a value the user set is kept
-    ("import numpy; import minglm", None, "unset"),  # too late once NumPy has loaded OpenBLAS: leave it alone
-])
-def test_openblas_thread_timeout(code, env, expected):
+def _run_python(code: str, env: dict) -> str:
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    if env is not None:
-        environ["OPENBLAS_THREAD_TIMEOUT"] = env
+    environ = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "MINGLM_TUNE")}
+    environ.update(env)
     root = str(Path(__file__).resolve().parents[1])
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-c", f"{code}; import os; "
-                          "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset'))"],
-                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("code, env, expected", [
+    ("import minglm", {}, "18 {'malloc': True, 'openblas_spin': 18}"),  # minglm first: OpenBLAS reads it as it loads
+    ("import numpy; import minglm", {}, "18 {'malloc': True, 'openblas_spin': 18}"),  # NumPy first: the same
+    ("import minglm", {"OPENBLAS_THREAD_TIMEOUT": "25"}, "25 {'malloc': True, 'openblas_spin': 25}"),  # user's kept
+    ("import numpy; import minglm", {"MINGLM_TUNE": "0"}, "unset {}"),  # the one off switch
+])
+def test_process_tuning_whatever_the_import_order(code, env, expected):
+    """``import minglm`` applies backend.tune_process whether or not NumPy (and so OpenBLAS) was loaded before it,
+    as in a notebook; OpenBLAS itself reports the spin it now uses."""
+    if parallel._state.get("blas") is None and parallel._blas_controller() is None:
+        pytest.skip("no BLAS that threadpoolctl can see")
+    out = _run_python(f"{code}; import os; from minglm import backend; "
+                      "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset'), backend.tuning())", env)
     assert out == expected
+
+
+def test_numpy_first_blas_threads_sleep_soon():
+    """The effect itself, with NumPy imported first: after a matrix product, OpenBLAS's idle thread stops spinning
+    within a fraction of a millisecond, so the process uses (almost) no CPU while it sleeps (0.1 s a product before)."""
+    code = ("import numpy as np; import minglm, resource, time\n"
+            "a = np.ones((512, 512), np.float32)\n"
+            "used = []\n"
+            "for _ in range(3):\n"
+            "    a @ a; r0 = resource.getrusage(resource.RUSAGE_SELF); time.sleep(0.3)\n"
+            "    r1 = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "    used.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)\n"
+            "print(min(used))")
+    assert float(_run_python(code, {"OPENBLAS_NUM_THREADS": "2"})) < 0.02
+
+
+def test_bench_train_numpy_first_process_is_tuned():
+    """``bench train``'s NumPy-first column trains in a process that imported NumPy before minglm, and that process
+    got the same tuning as ``python -m minglm``."""
+    from minglm.bench.train import numpy_first_block
+
+    block = numpy_first_block("tiny", 2, 1)
+    assert len(block["wall"]) == len(block["cpu"]) == 1
+    assert block["tuning"] == {"malloc": True, "openblas_spin": 18} or parallel._blas_controller() is None

@@ -1,6 +1,6 @@
 """What minglm's autograd costs per op: forward + backward through minglm next to the same maths in plain NumPy.
 
-`python -m minglm bench ops [--repeats 15] [--ops linear,attention] [--dtype float32] [--tune-malloc] [--no-check]`
+`python -m minglm bench ops [--repeats 15] [--ops linear,attention] [--dtype float32] [--no-check]`
 
 For each core op at the size it has in the small GLM (B·T = 2048 rows, C = 256, V = 256 and up; attention at B 8,
 H 8, T 256, D 32 with GLM's ``sep`` mask) this times one forward + backward through minglm (build the graph, then
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import minglm.functional as F
+from minglm import backend
 from minglm.tensor import Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -274,25 +275,6 @@ def measure(case: Case, repeats: int, warmup: int = 2) -> dict:
     return med
 
 
-def tune_malloc() -> bool:
-    """Keep freed large blocks in glibc's heap instead of returning them to the OS (Linux only).
-
-    By default glibc serves blocks above a moving threshold with fresh ``mmap`` calls and trims the heap top after
-    frees, so a step that allocates several 16 MB temporaries page-faults them in again every time. Raising both
-    thresholds makes later steps reuse the memory. Returns False where ``mallopt`` is unavailable.
-    """
-    try:
-        import ctypes  # noqa: PLC0415 - only needed for this optional tweak
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-        ok_trim = libc.mallopt(m_trim_threshold, 1 << 30)
-        ok_mmap = libc.mallopt(m_mmap_threshold, 32 << 20)  # 32 MiB is the largest value glibc accepts on 64-bit
-        return bool(ok_trim and ok_mmap)
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minglm bench ops", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per op (the median is reported)")
@@ -301,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=1.3, help="the ratio an op must stay under")
     p.add_argument("--no-check", action="store_true", help="skip comparing the gradients before timing")
-    p.add_argument("--tune-malloc", action="store_true", help="raise glibc's trim/mmap thresholds first (Linux)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -311,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown op(s) {unknown}; choose from {', '.join(CASES)}")
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
-    malloc = "default glibc malloc"
-    if args.tune_malloc:
-        malloc = "tuned malloc (mallopt trim/mmap thresholds)" if tune_malloc() else "malloc tuning unavailable"
+    malloc = f"process tuning {backend.tuning() or 'off (MINGLM_TUNE=0)'}"
 
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     print(f"minglm ops: forward + backward, {args.dtype}, median of {args.repeats} (minglm and NumPy alternate), "

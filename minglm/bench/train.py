@@ -16,6 +16,12 @@ plus the tied head 2·N·C·V. Backward does two products per forward product, s
 ``--profile`` times every op's forward and backward by name (it wraps each Function), so the hotspots read off
 directly; the rest of the step is Python and engine bookkeeping.
 
+The "NumPy first" column is a notebook's case: a separate Python process whose first line is ``import numpy``, which
+then imports minglm, builds the same GLM through the public API and trains it on the same batch (``NUMPY_FIRST``).
+Its blocks of steps alternate with the others, and it must match this process's speed (within 5 %): whatever
+process-wide tuning the speed needs happens at ``import minglm`` (``backend.tune_process``), not by import order.
+``--no-numpy-first`` skips it.
+
 BLAS threads are fixed when NumPy is first imported: run as ``OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 python -m
 minglm bench train`` (the table prints what NumPy got). minglm's own threads for the non-GEMM passes
 (``minglm.parallel``) follow the BLAS count; ``MINGLM_THREADS=1`` shows the step without them.
@@ -26,7 +32,10 @@ Left out: data loading (see ``bench data``), dropout (0 in the course configs), 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections import defaultdict
@@ -34,7 +43,7 @@ from collections import defaultdict
 import numpy as np
 
 import minglm.functional as F
-from minglm import parallel
+from minglm import backend, parallel
 from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW
 from minglm.tensor import Function
@@ -151,6 +160,46 @@ def torch_twin(cfg: GLMConfig, weights: dict, batch: dict, threads: int):
     return step
 
 
+# A notebook's order: NumPy (and with it OpenBLAS) is loaded before minglm. Run with ``python -c`` so that nothing of
+# minglm is imported before the first line; prints one JSON line of per-step wall and CPU seconds.
+NUMPY_FIRST = """
+import numpy as np
+import json, sys, time
+import minglm
+import minglm.functional as F
+from minglm.model import GLM, GLMConfig
+from minglm.optim import AdamW
+from minglm.bench.train import make_batch
+
+name, B, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cfg = GLMConfig.preset(name, vocab_size=256)
+b = make_batch(cfg, B, cfg.seq_len)
+model = GLM(cfg, np.random.default_rng(0))
+opt = AdamW(model, lr=1e-4)
+wall, cpu = [], []
+for i in range(steps + 2):  # two untimed steps first, as the other blocks get
+    c0, t0 = time.process_time(), time.perf_counter()
+    opt.zero_grad()
+    logits = model(b["tokens"], b["position_ids"], b["block_position_ids"], b["sep"])
+    loss = F.cross_entropy(logits, b["targets"], b["loss_mask"])
+    loss.backward()
+    opt.step()
+    if i >= 2:
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+print(json.dumps({"wall": wall, "cpu": cpu, "tuning": minglm.backend.tuning()}))
+"""
+
+
+def numpy_first_block(name: str, batch_size: int, steps: int) -> dict:
+    """Run ``NUMPY_FIRST`` in a fresh process (same environment and threads) and return its timings."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder above minglm/
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    out = subprocess.run([sys.executable, "-c", NUMPY_FIRST, name, str(batch_size), str(steps)], check=True,
+                         capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def peak_bytes(fn) -> int:
     """Peak traced allocation of one call of ``fn`` (NumPy reports its buffers to tracemalloc)."""
     tracemalloc.start()
@@ -197,16 +246,22 @@ class OpTimer:
             setattr(cls, kind, orig)
 
 
-def _median_times(fns: dict, steps: int, rounds: int = 2) -> dict[str, float]:
-    """Median wall and CPU seconds per step of each step function.
+def _median_times(fns: dict, steps: int, rounds: int = 2, numpy_first=None) -> dict[str, float]:
+    """Median wall and CPU seconds per step of each step function (and of the ``numpy_first`` process, when given:
+    a callable that runs one block of steps elsewhere and returns their times).
 
     The frameworks run in alternating blocks (``rounds`` blocks of ``steps`` steps each), not step by step: both
     thread pools (OpenBLAS, PyTorch's OpenMP) spin for a while after each call, and on 2 cores the other pool's
     spinning would be charged to whoever runs next. CPU time (``time.process_time``, all threads of this process) is
     the steadier number on a shared machine: other processes stretch the wall time but not the work done here.
     """
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    names = list(fns) + (["numpy_first"] if numpy_first is not None else [])
+    wall, cpu = {k: [] for k in names}, {k: [] for k in names}
     for _ in range(rounds):
+        if numpy_first is not None:
+            block = numpy_first(steps)
+            wall["numpy_first"] += block["wall"]
+            cpu["numpy_first"] += block["cpu"]
         for name, fn in fns.items():
             fn()  # one untimed step: let the other pool's threads go to sleep
             for _ in range(steps):
@@ -220,7 +275,7 @@ def _median_times(fns: dict, steps: int, rounds: int = 2) -> dict[str, float]:
 
 
 def run_config(name: str, steps: int, threads: int, use_torch: bool, profile: bool, batch_size: int | None = None,
-               rounds: int = 2) -> dict:
+               rounds: int = 2, numpy_first: bool = False) -> dict:
     cfg = GLMConfig.preset(name, vocab_size=256)
     B, T = batch_size or CONFIGS[name]["batch"], cfg.seq_len
     batch = make_batch(cfg, B, T)
@@ -237,7 +292,8 @@ def run_config(name: str, steps: int, threads: int, use_torch: bool, profile: bo
     result["peak_mb"] = peak_bytes(ours) / 2**20
     dense, attention = step_flops(cfg, B, T)
     result["gflop"] = (dense + attention) / 1e9
-    result.update(_median_times(fns, steps, rounds))
+    child = (lambda n: numpy_first_block(name, B, n)) if numpy_first else None
+    result.update(_median_times(fns, steps, rounds, child))
     if profile:
         timer = OpTimer()
         try:
@@ -249,6 +305,20 @@ def run_config(name: str, steps: int, threads: int, use_torch: bool, profile: bo
             timer.restore()
         result["profile"] = (total, {k: v / steps for k, v in timer.totals.items()})
     return result
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo), or the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # noqa: PLC0415 - only where /proc/cpuinfo is missing
+
+    return platform.processor() or platform.machine()
 
 
 def _blas_threads() -> str:
@@ -265,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (NumPy: set OMP_NUM_THREADS)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--profile", action="store_true", help="time every op's forward and backward")
+    parser.add_argument("--no-numpy-first", action="store_true",
+                        help="skip the column of a process that imports NumPy before minglm (a notebook's order)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or (args.batch is not None and args.batch < 1):
         parser.error("--steps, --rounds and --batch must be >= 1")
@@ -276,20 +348,26 @@ def main(argv: list[str] | None = None) -> int:
             print("(torch is not importable: minglm only)")
             use_torch = False
 
-    print(f"BLAS threads: {_blas_threads()}; minglm threads: {parallel.num_threads()}")
+    print(f"CPU: {cpu_name()}; load average {os.getloadavg()[0]:.1f}; BLAS threads: {_blas_threads()}; "
+          f"minglm threads: {parallel.num_threads()}; process tuning: {backend.tuning() or 'off (MINGLM_TUNE=0)'}")
+    numpy_first = not args.no_numpy_first
     header = (f"{'config':7} {'params':>9} {'B×T':>8} {'GFLOP':>6} {'ms/step':>8} {'CPU ms':>8} {'tok/s':>8} "
               f"{'GFLOP/s':>8} {'peak MB':>8}")
+    if numpy_first:
+        header += f" {'NumPy-first ms':>14} {'vs ms':>6}"
     if use_torch:
         header += f" {'torch ms':>9} {'ratio':>6} {'CPU ratio':>9} {'|Δloss|':>8}"
     print(header)
     results = []
     for name in args.configs:
-        r = run_config(name, args.steps, args.threads, use_torch, args.profile, args.batch, args.rounds)
+        r = run_config(name, args.steps, args.threads, use_torch, args.profile, args.batch, args.rounds, numpy_first)
         results.append(r)
         s = r["s_minglm"]
         line = (f"{name:7} {r['params']:>9,} {r['B']}×{r['T']:<6} {r['gflop']:>6.1f} {s * 1e3:>8.1f} "
                 f"{r['cpu_minglm'] * 1e3:>8.1f} "
                 f"{r['B'] * r['T'] / s:>8.0f} {r['gflop'] / s:>8.1f} {r['peak_mb']:>8.1f}")
+        if numpy_first:
+            line += f" {r['s_numpy_first'] * 1e3:>14.1f} {r['s_numpy_first'] / s:>6.2f}"
         if use_torch:
             line += (f" {r['s_torch'] * 1e3:>9.1f} {s / r['s_torch']:>6.2f} {r['cpu_minglm'] / r['cpu_torch']:>9.2f}"
                      f" {r['loss_diff']:>8.1e}")
