@@ -20,6 +20,9 @@
 # 4. we never have to *trust* a backward: **gradcheck** compares it with finite differences.
 #
 # The code that does all of this is short. Keep `minglm/tensor.py` open beside this notebook.
+#
+# **Learning goals.** Draw the graph of an expression, derive its gradients with the chain rule and match the
+# engine's, add an op of your own, and check any backward with finite differences.
 
 # %%
 # %matplotlib inline
@@ -90,7 +93,7 @@ show(f)
 # produce), rounded boxes are leaves (orange when they require a gradient). Notice that `a` has **two** arrows
 # leaving it: it feeds the multiply inside `u` and the final multiply.
 
-# %%
+# %% tags=["thumbnail"]
 viz.draw_graph(f, names={id(a): "a", id(b): "b", id(c): "c"}, title="f = tanh(a*b + c) * a")
 
 # %% [markdown]

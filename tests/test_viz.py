@@ -488,3 +488,20 @@ def test_tile_map_draws_codes_and_shares():
     assert viz.computed_share(128, 0, 32, 32) == pytest.approx(10 * 32 * 32 / 128**2)  # causal: the 10 tiles on/below
     with pytest.raises(ValueError, match="sep"):
         viz.tile_status(10, 11, 4, 4)
+
+
+# -- byte-level BPE ------------------------------------------------------------------------------------------------
+
+
+def test_bpe_merges_replay_to_the_tokenizers_encoding():
+    from minglm.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["the theatre, the thee, and thou that thinkest thou art there"] * 3, vocab_size=290)
+    steps = viz.bpe_steps(tok, " theatre")
+    assert steps[0][0] is None and len(steps[0][1]) == len(b" theatre")
+    assert steps[-1][1] == tok.encode(" theatre")
+    assert [r for r, _ in steps[1:]] == sorted(r for r, _ in steps[1:])  # merges in the order they were learned
+    fig = draw(viz.plot_bpe_merges(tok, [" theatre", " thou"]))
+    assert len(fig.axes) == 2
+    labels = [t.get_text() for t in fig.axes[0].texts if t.get_text().startswith(("bytes", "merge"))]
+    assert labels[0] == "bytes" and len(labels) == len(steps)

@@ -20,9 +20,11 @@ from viz.positions import plot_positions
 from viz.run import save_run_plots
 from viz.spans import plot_span_lengths
 from viz.tiles import computed_share, plot_tile_map, tile_status
+from viz.tokens import bpe_steps, plot_bpe_merges
 
 __all__ = [
     "plot_attention_mask", "plot_objective_masks", "plot_positions", "plot_blank_infilling", "plot_span_lengths",
     "plot_loss_curves", "read_log", "plot_attention_weights", "plot_attention_map", "draw_graph", "save_run_plots",
     "figure2_sample", "sample_from_text", "plot_tile_map", "tile_status", "computed_share", "plot_ablation",
+    "plot_bpe_merges", "bpe_steps",
 ]

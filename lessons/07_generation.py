@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 4 — Filling blanks: generation step by step
+# # Lesson 7 — Filling blanks: generation step by step
 #
 # A trained GLM fills a blank the way it was trained to: the text with its blanks is Part A, and each fill is a
 # Part-B span written one token at a time. `minglm/generate.py` does it in four moves, after the official
@@ -24,11 +24,13 @@
 #    Part B during training.
 #
 # This lesson runs those moves on a model trained on Shakespeare and prints what happens at every step.
+#
+# **Learning goals.** Read a decoding trace (the token fed, its two positions, the choice), explain why the cache
+# changes the cost and not the answer, and control the choice with temperature and top-k.
 
 # %%
 # %matplotlib inline
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -37,46 +39,32 @@ if importlib.util.find_spec("minglm") is None:  # opened from lessons/ without `
 
 import matplotlib.pyplot as plt
 import numpy as np
+from course_models import course_model
 from IPython.display import display
 
 import viz
-from minglm import exercises
-from minglm.commands import train as train_command
+from minglm import exercises, generate
 from minglm.data import Sample
 from minglm.generate import Sampling, build_context, fill, format_steps, recompute_logits
 from minglm.model import KVCache
-from minglm.runs import load_run
 from minglm.tensor import no_grad
-
-FAST = os.environ.get("MINGLM_FAST", "1") == "1"
-RUNS = Path(os.environ.get("MINGLM_RUNS", "runs"))  # where run folders live (`python -m minglm train --out`)
 
 # %% [markdown]
 # ## 1. A trained model
 #
-# If you have run `python -m minglm train` (a few CPU minutes), set `RUN` to its folder, e.g.
-# `RUN = Path("../runs/shakespeare-tiny-glm-base")`, and you will see much better fills. Otherwise this cell
-# trains a model now with the same command (in fast mode a very small one, for well under a minute, which is
-# enough to see the mechanics but not to write good English).
+# Every lesson that needs a trained GLM takes it from `course_model()` (in `lessons/course_models.py`): the course
+# model that ships with minglm when it is installed, otherwise a small model trained here once with
+# `python -m minglm train` (in fast mode two layers for 300 steps, under a minute: enough to see the mechanics, not
+# to write good English) and kept in `runs/`. To read your own run instead, write
+# `model, tok = load_run("../runs/<name>")` (from `minglm.runs`).
 
 # %%
-RUN = None  # or the Path of a run folder
-
-if RUN is None:
-    name = "lesson4-fast" if FAST else "lesson4-tiny"
-    RUN = RUNS / name
-    if not (RUN / "ckpt").is_dir():
-        args = ["--out", str(RUNS), "--name", name, "--quiet", "--set", "fill_words=0", "--set", "fill_spans=0",
-                "--set", "eval_batches=2"]
-        if FAST:
-            args += ["--steps", "300", "--set", "model.n_layer=2", "--set", "model.d_model=64",
-                     "--set", "model.n_head=4", "--set", "seq_len=64", "--set", "lr=5e-3", "--set", "warmup=20"]
-        assert train_command.main(args) == 0, "training failed"
-
-model, tok = load_run(RUN)
+model, tok, source = course_model()
+print("model:", source)
 print(model.config)
 print(f"{model.num_parameters():,} parameters, vocabulary {tok.vocab_size}")
-display(viz.plot_loss_curves(RUN))
+if (Path(source) / "log.jsonl").is_file():  # the bundled model keeps its weights only, not its training log
+    display(viz.plot_loss_curves(Path(source)))
 
 # %% [markdown]
 # ## 2. The context
@@ -112,7 +100,7 @@ print(format_steps(result, tok))
 # The sequence the model has seen is therefore a training-style sample: Part A = the context, Part B = `<sop>` +
 # the fill. The same pictures as in lesson 2 apply:
 
-# %%
+# %% tags=["thumbnail"]
 n = result.context_len
 seen = Sample(
     tokens=np.asarray(result.tokens), targets=np.asarray(result.tokens), loss_mask=np.zeros(len(result.tokens)),
@@ -178,33 +166,39 @@ print(two.marked_text)
 print(format_steps(two, tok))
 
 # %% [markdown]
-# ## 6. `[gMASK]`: generation after a prompt
+# ## 6. Choosing the next token: temperature and top-k
 #
-# A text without a blank gets `[gMASK]` appended: the whole continuation is one span after a bidirectional
-# prompt. The model above never saw `[gMASK]` in training (the default objective, `glm-base`, blanks spans with
-# `[MASK]` only), and `python -m minglm fill` warns about that. A model that learned `[gMASK]` needs GLM's
-# multi-task objective:
-# `--objective glm-10b` mixes word spans with `[sMASK]` sentences and `[gMASK]` document endings. This cell trains
-# one (in fast mode a small one for a few hundred steps, enough for the mechanics, not for good English), then
-# samples with a temperature and top-k from our own seeded generator.
+# Greedy decoding takes the most likely token every time. Sampling draws it from the distribution instead, after
+# two changes that `Sampling` makes: the logits are divided by a **temperature** $\tau$ (below 1 sharpens the
+# distribution, above 1 flattens it), and all but the **top-k** most likely tokens are cut:
+#
+# $$p_i = \frac{e^{z_i/\tau}}{\sum_{j \in K} e^{z_j/\tau}} \text{ for } i \in K, \quad p_i = 0 \text{ otherwise}$$
+#
+# where $K$ is the set of the $k$ largest logits.
+#
+# `generate.sampling_probs` computes exactly that. Here it is on the model's first step of the blank above:
 
 # %%
-name = "lesson4-multitask-fast" if FAST else "lesson4-multitask"
-MULTI = RUNS / name
-if not (MULTI / "ckpt").is_dir():
-    args = ["--out", str(RUNS), "--name", name, "--quiet", "--objective", "glm-10b", "--set", "fill_words=0",
-            "--set", "fill_spans=0", "--set", "eval_batches=2", "--set", "plots=false"]
-    if FAST:
-        args += ["--steps", "300", "--set", "model.n_layer=2", "--set", "model.d_model=64",
-                 "--set", "model.n_head=4", "--set", "seq_len=64", "--set", "lr=5e-3", "--set", "warmup=20"]
-    assert train_command.main(args) == 0, "training failed"
-multi, multi_tok = load_run(MULTI)
+first = recompute_logits(model, result.tokens[: n + 1], result.position_ids[: n + 1],
+                         result.block_position_ids[: n + 1], sep=n)[n]  # the logits after <sop>
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.8), sharey=True)
+best = np.argsort(-first)[:12]
+for ax, (temperature, top_k) in zip(axes, ((1.0, 0), (0.5, 0), (1.0, 5))):
+    p = generate.sampling_probs(first, Sampling(temperature=temperature, top_k=top_k))
+    ax.bar(range(12), p[best], color="#0072B2")
+    ax.set_xticks(range(12), [repr(tok.decode([t]))[1:-1] or "·" for t in best], fontsize=7)
+    ax.set_title(f"temperature {temperature}, top-k {top_k or 'off'}", fontsize=9)
+axes[0].set_ylabel("probability")
+plt.show()
 
-rng = np.random.default_rng(0)
+rng = np.random.default_rng(0)  # sampling draws from this generator: the same seed gives the same fills
 for temperature in (0.5, 1.0):
-    out = fill(multi, multi_tok, "ROMEO:\n", Sampling(temperature=temperature, top_k=10, max_new_tokens=40),
-               rng=rng)
-    print(f"temperature {temperature}: {out.fills[0]!r}  (stopped: {out.stop_reasons[0]})")
+    out = fill(model, tok, text, Sampling(temperature=temperature, top_k=10, max_new_tokens=24), rng=rng)
+    print(f"temperature {temperature}: {out.fills[0]!r}")
+
+# %% [markdown]
+# A text without any blank gets `[gMASK]` appended and the model writes a continuation: that needs a model trained
+# with GLM's multi-task objective, which is lesson 9.
 
 # %% [markdown]
 # ## Summary
@@ -215,6 +209,8 @@ for temperature in (0.5, 1.0):
 #   same predictions.
 # - Blanks are filled left to right, and a later blank sees the earlier fills.
 # - The end token (`<eop>`, or `<eos>` after `[gMASK]`) is chosen but never fed.
+# - Sampling divides the logits by a temperature and keeps the top-k before the softmax; a seeded generator makes
+#   it reproducible.
 #
 # ## Exercises
 #
@@ -231,8 +227,17 @@ def decode_positions(context_len, mask_positions, fill_lengths):
 exercises.check_decode_positions(decode_positions)
 
 # %% [markdown]
-# **2.** Fill the same blank with `Sampling(temperature=..., top_k=...)` and several seeds. When does greedy
+# **2.** Temperature and top-k: return the distribution `Sampling(temperature=..., top_k=...)` draws from, for a
+# vector of logits (top_k = 0 keeps every token). The checker compares with `minglm.generate.sampling_probs`.
+
+# %%
+def sampling_probs(logits, temperature, top_k):
+    # your code here: return the probabilities (same shape as logits)
+    return None
+
+
+exercises.check_sampling_probs(sampling_probs)
+
+# %% [markdown]
+# **3.** Fill the same blank with `Sampling(temperature=..., top_k=...)` and several seeds. When does greedy
 # decoding get stuck repeating itself, and why does sampling help?
-#
-# **3.** (Think.) Blanks are filled left to right at inference, but Part B was shuffled in training. Why is it
-# fine to fill them in any order, and what would go wrong if training had always used text order?

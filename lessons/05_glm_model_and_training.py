@@ -9,13 +9,17 @@
 # ---
 
 # %% [markdown]
-# # Lesson 3 — The GLM model, and training it on Shakespeare
+# # Lesson 5 — The GLM model, and training it on Shakespeare
 #
-# Lesson 2 turned text into batches: token ids, two rows of position ids, targets, a loss mask and one `sep` per
+# Lesson 3 turned text into batches: token ids, two rows of position ids, targets, a loss mask and one `sep` per
 # row. This lesson follows one batch through the model in `minglm/model.py`, checking every shape on the way,
 # and then trains a small GLM on a slice of Shakespeare and watches the loss fall.
 #
-# The architecture (`docs/official-code.md` §3) is a GPT-2-style transformer with three GLM touches:
+# **Learning goals.** Follow a batch through the model with every shape, compute GLM's loss and its starting
+# value, take one training step by hand, train a small model and judge it against a baseline.
+#
+# The architecture (`docs/official-code.md` §3) is a GPT-2-style transformer (lesson 4 built its block) with three
+# GLM touches:
 #
 # - the input is **word + position + block-position** embedding (two learned position tables);
 # - attention uses the **`sep` mask**: bidirectional over Part A, causal over Part B;
@@ -73,6 +77,10 @@ print("fast mode" if FAST else "full mode", "|", train.steps, "steps of", train.
 # The corpus is split by play, so the validation plays are never seen in training. A `BlockLoader` frames every
 # document as `[CLS] play <eos>`, cuts the stream into windows of `seq_len` tokens and blanks each window with
 # the GLM objective (here `glm-base`: token-level spans, as GLM-Base and GLM-Large were trained).
+#
+# One deliberate change from lesson 3: the spans cover **half** of each window (`mask_ratio=0.5`), not GLM's 15 %,
+# as `python -m minglm train` does by default (`TrainConfig.mask_ratio`). In a minute of CPU time the small model
+# learns from the number of Part-B targets it sees, and 15 % gives it a third as many.
 
 # %%
 corpus = load_corpus("shakespeare")
@@ -81,9 +89,13 @@ train_ids, val_ids = encode_corpus(corpus, tok)
 train_ids = train_ids[:n_train_plays]  # a slice keeps the lesson quick; the full run uses every training play
 print(f"training on {n_train_plays} plays, {sum(map(len, train_ids)):,} characters; vocabulary {tok.vocab_size}")
 
-loader = BlockLoader(train_ids, tok, train.seq_len, train.batch_size, objective="glm-base")
+loader = BlockLoader(train_ids, tok, train.seq_len, train.batch_size, objective="glm-base",
+                     mask_ratio=train.mask_ratio)
 val_batches = [("token", b) for b in iter_eval_batches(val_ids, tok, train.seq_len, train.batch_size,
-                                                       objective="glm-base", max_batches=train.eval_batches)]
+                                                       objective="glm-base", max_batches=train.eval_batches,
+                                                       mask_ratio=train.mask_ratio)]
+print(f"mask_ratio {train.mask_ratio}: {loader.next_batch(np.random.default_rng(1)).loss_mask.mean():.0%} of the "
+      "positions of a batch carry a loss")
 batch = loader.next_batch(rng)
 for name in ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids", "sep"):
     a = getattr(batch, name)
@@ -176,7 +188,8 @@ display(viz.plot_attention_weights(model, batch, layer=0, head=0, tokenizer=tok)
 # ## 5. One training step by hand
 #
 # A step is: forward, loss, `backward()` (the engine of lesson 1 fills every parameter's `.grad`), clip the global
-# gradient norm to 1, and one AdamW update at the scheduled learning rate (warmup, then cosine decay).
+# gradient norm to 1, and one AdamW update at the scheduled learning rate (warmup, then cosine decay). Lesson 6
+# writes each of these out and shows what goes wrong without them.
 
 # %%
 optimizer = AdamW(model.named_parameters(), lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
@@ -209,9 +222,10 @@ print(f"{trainer.step} steps in {seconds:.1f} s")
 
 # %% [markdown]
 # `trainer.records` holds one dictionary per step (loss, learning rate, gradient norm, and the validation loss on
-# evaluation steps): the same records a run writes to `log.jsonl`, so the same plot works for both.
+# evaluation steps): the same records a run writes to `log.jsonl`, so the same plot works for both. The bump a
+# little after step 20, where the warmup ends, is no accident: lesson 6 takes it apart.
 
-# %%
+# %% tags=["thumbnail"]
 display(viz.plot_loss_curves([trainer.records], labels=["lesson 3"], smooth=0.8))
 
 # %% [markdown]
@@ -277,10 +291,19 @@ def cross_entropy_backward(logits, targets, loss_mask):
 exercises.check_cross_entropy_backward(cross_entropy_backward)
 
 # %% [markdown]
-# **2.** Count the parameters of this model by hand from `config` (embeddings, per layer: two LayerNorms, QKV,
-# the output projection, the MLP; the final LayerNorm; no output matrix) and compare with
-# `model.num_parameters()`.
-#
+# **2.** Count the parameters of a GLM from its config alone: the embeddings; per layer two LayerNorms, QKV, the
+# output projection and the MLP; the final LayerNorm; no output matrix. The checker compares with
+# `GLM(config).num_parameters()` for two configs.
+
+# %%
+def parameter_count(config):
+    # your code here: use config.vocab_size, config.d_model, config.n_layer, config.max_len
+    return None
+
+
+exercises.check_parameter_count(parameter_count)
+
+# %% [markdown]
 # **3.** Retrain with the block-position embedding switched off: set every `block_position_ids` to 0 before the
 # forward (write a small loader wrapper; do not edit the library). Which gets harder, and why? Hint: without it,
 # how does the model know which character of the span comes next?

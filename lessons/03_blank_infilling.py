@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 2 — Autoregressive blank infilling: Part A, Part B, 2D positions and the mask
+# # Lesson 3 — Autoregressive blank infilling: Part A, Part B, 2D positions and the mask
 #
 # GLM's one idea is its training task. Take a text, blank out a few **spans**, and ask the model to write each
 # span back, token by token, while it reads the rest of the text in both directions. Everything else in this
@@ -23,6 +23,10 @@
 #
 # We follow the paper's Figure 2 exactly, then do the same on a line of Shakespeare.
 # The code is `minglm/tokenizer.py` and `minglm/data/`; the pictures come from `viz/`.
+#
+# **Learning goals.** After this lesson you can build Part A and Part B of a sample by hand, write down both
+# position rows, derive the attention mask from `sep` alone, and say how many tokens GLM blanks and in how many
+# spans.
 
 # %%
 # %matplotlib inline
@@ -56,8 +60,8 @@ rng = np.random.default_rng(0)  # one seeded generator: the same spans every tim
 # %% [markdown]
 # ## 1. The tokenizer and its special tokens
 #
-# minglm's default tokenizer is character-level: one id per character, which keeps the vocabulary (and the model)
-# tiny. The first eight ids are GLM's special tokens, the same in every minglm tokenizer:
+# Lesson 2 built the tokenizers. This lesson uses the character-level one: one id per character, which keeps the
+# vocabulary (and the model) tiny. The first eight ids are GLM's special tokens, the same in every minglm tokenizer:
 
 # %%
 for i, name in enumerate(SPECIAL_TOKENS):
@@ -129,7 +133,7 @@ print("paper positions 2:", pv.block_position_ids.tolist())
 # (`[S] x3`) sees the whole first span (`[S] x5 x6`): a later span can use the spans already written, which the
 # paper calls the antecedents in Part B. Because the order is shuffled in training, the model learns every order.
 
-# %%
+# %% tags=["thumbnail"]
 display(viz.plot_attention_mask(fig2, tokenizer=names))
 print(dense_mask(fig2)[0].astype(int))
 
@@ -181,6 +185,12 @@ print("spans (start, end):", spans.tolist(), " lengths:", (spans[:, 1] - spans[:
 # %% [markdown]
 # Over many samples the span lengths follow the truncated Poisson, and the blanked share sits just above 15 %
 # (the overshoot of the last span):
+#
+# **15 % here, 50 % in the course's training runs.** GLM blanks 15 %, and so does this lesson. The runs you train
+# in this course (`python -m minglm train`, lessons 5 and 7) blank **half** of each window (`mask_ratio=0.5`,
+# `minglm/config.py`): a few CPU minutes leave a small model few Part-B targets to learn from at 15 %, and it
+# learned much faster from more (the README's table). The rule is the same, only the budget changes:
+# `--set mask_ratio=0.15` trains with GLM's own.
 
 # %%
 display(viz.plot_span_lengths(sampler, n=400, rng=np.random.default_rng(1), seq_len=128))
@@ -221,8 +231,9 @@ display(viz.plot_attention_mask(batch, i=1, tokenizer=tok))
 # ## 6. The other objectives use the same machinery
 #
 # GLM also trains on longer blanks: whole sentences (`[sMASK]`) and one long suffix (`[gMASK]`) that turns the task
-# into left-to-right generation after a bidirectional prefix. Here is the `[gMASK]` prefix branch: the last
-# `g` tokens form one span with no `<eop>` (the last target is the document's own `<eos>`).
+# into left-to-right generation after a bidirectional prefix. Lesson 9 is about them; here is a first look at the
+# `[gMASK]` prefix branch: the last `g` tokens form one span with no `<eop>` (the last target is the document's own
+# `<eos>`).
 
 # %%
 g = gmask_prefix(framed, g=20)
@@ -265,7 +276,8 @@ def positions(length, spans, order):
 exercises.check_positions(positions)
 
 # %% [markdown]
-# **3.** How many tokens must the token-level objective blank, at least, in a sample of `length` tokens?
+# **3.** The span budget, in two parts. (a) How many tokens must the token-level objective blank, at least, in a
+# sample of `length` tokens?
 
 # %%
 def mask_budget(length):
@@ -276,8 +288,9 @@ def mask_budget(length):
 exercises.check_mask_budget(mask_budget)
 
 # %% [markdown]
-# **4.** What is the mean span length of the Poisson(3) without 0, and roughly how many spans does a 512-token
-# sample get? (Derive the first from $E[k \mid k \ge 1]$; the cut at 39 changes nothing visible.)
+# (b) What is the mean span length of the Poisson(3) without 0, and roughly how many spans does a 512-token
+# sample get? (Derive the first from $E[k \mid k \ge 1]$; the cut at 39 changes nothing visible. The second is an
+# estimate: within one span of the budget divided by the mean passes.)
 
 # %%
 MEAN_SPAN_LENGTH = None  # your number
@@ -286,5 +299,5 @@ SPANS_FOR_512 = None  # your number
 exercises.check_span_count(MEAN_SPAN_LENGTH, SPANS_FOR_512)
 
 # %% [markdown]
-# **5.** (Think.) Why must the spans be *shuffled* in Part B? What could the model learn to exploit if they always
+# **4.** (Think.) Why must the spans be *shuffled* in Part B? What could the model learn to exploit if they always
 # came in text order, and what would it then fail at when filling blanks at inference time?

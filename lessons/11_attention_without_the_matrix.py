@@ -9,7 +9,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 5 — Attention without the T×T matrix: the online softmax, tiles, and the fused kernel
+# # Lesson 11 — Attention without the T×T matrix: the online softmax, tiles, and the fused kernel
 #
 # Plain attention builds every score `s_ij = q_i · k_j / √D`, turns each row into probabilities, and multiplies
 # them by the values. Training keeps those probabilities for the backward: a (T, T) matrix per head and sample.
@@ -25,6 +25,10 @@
 #
 # The twin is plain NumPy, so every step can be printed and checked here; the last section puts the CUDA source
 # beside it.
+#
+# **Learning goals.** Run the online softmax by hand, tell which tiles GLM's mask lets a kernel skip, explain how
+# the backward gets by with one saved number per row, and read the CUDA kernel's inner loop. Lesson 4's attention
+# formula is the starting point; lesson 13 runs the kernel itself on a GPU.
 
 # %%
 # %matplotlib inline
@@ -152,7 +156,7 @@ print("same:", np.allclose(acc / l, softmax @ v, rtol=0, atol=1e-12))
 # its queries is invisible: it skips it. A tile where every query sees every key needs no mask at all. Orange tiles
 # are the only ones where the mask is applied inside:
 
-# %%
+# %% tags=["thumbnail"]
 fig = viz.plot_tile_map(512, [0, 200, 512], block_q=64, block_k=64)
 fig
 
