@@ -217,18 +217,22 @@ class CachedDecoder:
         self.model, self.fast = model, fast
         self.cache = KVCache(model, 1, capacity)
         self.xp = get_xp(model.word_embeddings.weight.data)
+        cfg = model.config
+        # every id a step can feed, as a (1, 1) array made once: a step then builds no arrays from Python lists
+        self._ids = self.xp.arange(max(cfg.vocab_size, cfg.max_len + 1), dtype=np.int64).reshape(-1, 1, 1)
+        self._sep0 = self.xp.zeros(1, dtype=np.int64)
 
     @property
     def length(self) -> int:
         """How many tokens the cache holds."""
         return self.cache.length
 
-    def _run(self, tokens, pos, block, sep: int, check: bool = True) -> np.ndarray:
+    def _run(self, tokens, pos, block, sep: int) -> np.ndarray:
         xp = self.xp
         args = (xp.asarray(tokens, dtype=np.int64).reshape(1, -1), xp.asarray(pos, dtype=np.int64).reshape(1, -1),
                 xp.asarray(block, dtype=np.int64).reshape(1, -1), xp.asarray([sep], dtype=np.int64))
         if self.fast:
-            logits = self.model.infer(*args, cache=self.cache, check=check)  # (1, T, V) array
+            logits = self.model.infer(*args, cache=self.cache)  # (1, T, V) array
         else:
             with no_grad():
                 logits = self.model.forward(*args, cache=self.cache).data  # (1, T, V)
@@ -246,7 +250,11 @@ class CachedDecoder:
                              f"(vocabulary {cfg.vocab_size}, positions 0..{cfg.max_len})")
         if self.cache.length >= self.cache.capacity:
             raise ValueError(f"CachedDecoder.step: the cache is full ({self.cache.capacity} positions)")
-        return self._run([token], [pos], [block], sep=0, check=False)[0]
+        ids = self._ids
+        if self.fast:
+            logits = self.model.infer(ids[token], ids[pos], ids[block], self._sep0, cache=self.cache, check=False)
+            return to_numpy(logits)[0, 0]  # (V,)
+        return self._run([token], [pos], [block], sep=0)[0]
 
 
 def make_decoder(model, capacity: int, kind: str = "auto") -> CachedDecoder:
