@@ -15,6 +15,7 @@ from minglm.data import (
     make_objective,
     make_windows,
 )
+from minglm.data.samplers import sentence_end_table
 from minglm.tokenizer import CLS_ID, EOS_ID, MASK_ID, N_SPECIAL, SMASK_ID, BPETokenizer, CharTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,;!?\n"
@@ -48,6 +49,38 @@ def test_framing_and_windows():
     assert make_windows(np.arange(3), 8).shape == (1, 3)  # a corpus shorter than one window
     with pytest.raises(ValueError, match="no documents"):
         frame_documents([])
+
+
+def test_sentence_windows_start_at_a_sentence_and_skip_nothing():
+    # the official BlockDataset moves each cut to a sentence start; make_windows(is_end=...) starts every window
+    # at one: right after a token that ends a sentence, or at a document's [CLS]
+    tok, _ = make_docs()
+    rng = np.random.default_rng(3)
+    def lines():
+        return "\n".join("".join(rng.choice(list("abc def"), size=int(rng.integers(5, 20)))) for _ in range(40))
+    docs = [tok.encode_array(lines()) for _ in range(6)]  # sentences (lines) of 5-20 characters
+    stream = frame_documents(docs)
+    is_end = sentence_end_table(tok)
+    w = make_windows(stream, 48, is_end=is_end)
+    # find each window's piece in the stream: a window is [CLS] + stream[a : a + 47] (or stream[a : a + 48] at a
+    # document's own [CLS]); its start a must be a sentence start, and consecutive pieces leave no gap
+    starts, ends, pos = [], [], 0
+    for row in w:
+        for a in range(pos, len(stream)):
+            body = row if stream[a] == CLS_ID else row[1:]
+            if np.array_equal(stream[a: a + len(body)], body):
+                break
+        else:
+            raise AssertionError("a window is not a piece of the stream")
+        starts.append(a)
+        ends.append(a + len(body))
+        pos = a + 1
+    for a in starts:
+        assert stream[a] == CLS_ID or is_end[stream[a - 1]], f"window at {a} starts mid-sentence"
+    assert all(b <= e for b, e in zip(starts[1:], ends[:-1])), "a stretch of text fell between two windows"
+    assert len(w) >= len(make_windows(stream, 48))  # the overlap costs a few windows more, never fewer
+    with pytest.raises(ValueError, match="window_start"):
+        BlockLoader(docs, tok, 48, 4, window_start="paragraph")
 
 
 def test_batch_contract_fields_and_dtypes():

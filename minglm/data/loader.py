@@ -17,6 +17,7 @@ import numpy as np
 
 from minglm.data.batch import Batch
 from minglm.data.objectives import make_objective
+from minglm.data.samplers import sentence_end_table
 from minglm.tokenizer import CLS_ID, EOS_ID
 
 
@@ -30,7 +31,8 @@ def frame_documents(docs_ids: list[np.ndarray], cls_id: int = CLS_ID, eos_id: in
     return np.concatenate(parts)
 
 
-def make_windows(stream: np.ndarray, seq_len: int, cls_id: int = CLS_ID) -> np.ndarray:
+def make_windows(stream: np.ndarray, seq_len: int, cls_id: int = CLS_ID,
+                 is_end: np.ndarray | None = None) -> np.ndarray:
     """(N, seq_len) windows of a framed stream, each starting with [CLS] as every official sample does
     (docs/official-code.md §1).
 
@@ -38,6 +40,12 @@ def make_windows(stream: np.ndarray, seq_len: int, cls_id: int = CLS_ID) -> np.n
     one that begins mid-document gets a [CLS] in front of its piece, [CLS] + stream[a : a + seq_len - 1] (the
     official "start of every document piece"). The ragged tail is dropped, unless the whole stream is shorter than
     one window (then it is the only window, shorter than seq_len).
+
+    ``is_end``: a (V,) bool table of the tokens that end a sentence (``samplers.sentence_end_table``). With it,
+    every window starts at a sentence start, as the official ``BlockDataset`` moves its random cut to one (the token
+    after ``.?!;:`` or a newline): the next window begins at the last sentence start in the second half of the
+    previous one, so the sentence cut at a window's end is read again whole at the next one's start (windows then
+    overlap by a part of a sentence; where the second half holds no sentence start, they tile as without it).
     """
     if seq_len < 4:
         raise ValueError(f"make_windows: seq_len must be >= 4, got {seq_len}")
@@ -46,19 +54,41 @@ def make_windows(stream: np.ndarray, seq_len: int, cls_id: int = CLS_ID) -> np.n
         return stream[None, :]
     starts, at_cls = [], []
     a, n = 0, len(stream)
+    sentence_starts = None
+    if is_end is not None:
+        after_end = np.zeros(n, dtype=bool)
+        after_end[1:] = np.asarray(is_end)[stream[:-1]]
+        sentence_starts = np.flatnonzero(after_end | (stream == cls_id))
     while True:  # once per window (the step depends on whether the window begins at a [CLS])
         c = int(stream[a] == cls_id)
         if a + seq_len - 1 + c > n:
             break
         starts.append(a)
         at_cls.append(c)
-        a += seq_len - 1 + c
+        end = a + seq_len - 1 + c  # the first stream index after this window
+        if sentence_starts is not None:
+            j = int(np.searchsorted(sentence_starts, end, side="right")) - 1  # the last sentence start <= end
+            if j >= 0 and sentence_starts[j] > a + seq_len // 2:
+                end = int(sentence_starts[j])
+        a = end
         if a >= n:
             break
     idx = np.array(starts)[:, None] + np.arange(seq_len)[None, :] - 1 + np.array(at_cls)[:, None]  # (N, seq_len)
     windows = stream[np.maximum(idx, 0)]
     windows[:, 0] = cls_id
     return windows
+
+
+WINDOW_STARTS = ("any", "sentence")
+
+
+def _windows(docs_ids, tokenizer, seq_len: int, window_start: str) -> np.ndarray:
+    """The windows of the framed documents; ``window_start="sentence"`` starts each at a sentence (make_windows)."""
+    if window_start not in WINDOW_STARTS:
+        raise ValueError(f"window_start must be one of {WINDOW_STARTS}, got {window_start!r}")
+    is_end = sentence_end_table(tokenizer) if window_start == "sentence" else None
+    return make_windows(frame_documents(docs_ids, tokenizer.cls_id, tokenizer.eos_id), seq_len, tokenizer.cls_id,
+                        is_end)
 
 
 class BlockLoader:
@@ -69,12 +99,12 @@ class BlockLoader:
     """
 
     def __init__(self, docs_ids: list[np.ndarray], tokenizer, seq_len: int, batch_size: int,
-                 objective="glm-base", pad_to: int | None = None, **objective_overrides):
+                 objective="glm-base", pad_to: int | None = None, window_start: str = "any",
+                 **objective_overrides):
         if batch_size < 1:
             raise ValueError(f"BlockLoader: batch_size must be >= 1, got {batch_size}")
         self.tokenizer, self.seq_len, self.batch_size, self.pad_to = tokenizer, seq_len, batch_size, pad_to
-        self.windows = make_windows(frame_documents(docs_ids, tokenizer.cls_id, tokenizer.eos_id), seq_len,
-                                    tokenizer.cls_id)
+        self.windows = _windows(docs_ids, tokenizer, seq_len, window_start)
         self.objective = (make_objective(objective, tokenizer, **objective_overrides) if isinstance(objective, str)
                           else objective)
         self.epoch = 0
@@ -124,13 +154,13 @@ class BlockLoader:
 
 def iter_eval_batches(docs_ids: list[np.ndarray], tokenizer, seq_len: int, batch_size: int, objective="glm-base",
                       seed: int = 1234, max_batches: int | None = None, mode: str | None = None,
-                      pad_to: int | None = None, **objective_overrides):
+                      pad_to: int | None = None, window_start: str = "any", **objective_overrides):
     """Deterministic validation batches: windows in stream order, blanks drawn from a fixed seed.
 
     Every call with the same arguments yields the same batches, so validation losses are comparable across steps
     and runs. `mode` forces one GLM mode ("token", "sentence", "document") for per-objective validation losses.
     """
-    windows = make_windows(frame_documents(docs_ids, tokenizer.cls_id, tokenizer.eos_id), seq_len, tokenizer.cls_id)
+    windows = _windows(docs_ids, tokenizer, seq_len, window_start)
     obj = make_objective(objective, tokenizer, **objective_overrides) if isinstance(objective, str) else objective
     rng = np.random.default_rng(seed)
     n = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)

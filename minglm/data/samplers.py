@@ -154,14 +154,15 @@ class TokenSpanSampler:
 
 
 def word_edge_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(V,) bool tables for `WordSpanSampler`: does token i's text start with a letter; may a word's letters follow
-    it (its text ends with a letter, or is all spaces); does it hold a letter at all."""
+    """(V,) bool tables for `WordSpanSampler`: does token i's text start with a letter, or is it a clitic that
+    belongs to the word before it (``'ll``, ``'s``, ``'d``: ``I'll`` is one word, as the fill benchmark counts
+    words); may a word's letters follow it (its text ends with a letter, or is all spaces); does it hold a letter."""
     V = tokenizer.vocab_size
     first, joins, letter = np.zeros(V, dtype=bool), np.zeros(V, dtype=bool), np.zeros(V, dtype=bool)
     for i in range(8, V):  # the 8 specials are never letters
         text = tokenizer.decode([i])
         if text and text != "\ufffd":
-            first[i] = text[0].isalpha()
+            first[i] = text[0].isalpha() or (len(text) > 1 and text[0] == "'" and text[1:].isalpha())
             joins[i] = text[-1].isalpha() or text.strip(" ") == ""
             letter[i] = any(c.isalpha() for c in text)
     return first, joins, letter
