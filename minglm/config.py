@@ -44,6 +44,9 @@ class TrainConfig:
     # leading space, so training blanks look like what a user blanks (minglm.data.samplers.WordSpanSampler);
     # "known_word" also starts and ends them only at words the vocabulary holds as one token
     span_lambda: float = 3.0  # Poisson mean of a token-level span's length (GLM: 3), in span_unit units
+    window_start: str = "any"  # any | sentence: where a training window may start. "sentence" is what the official
+    # BlockDataset does (each cut moved to a sentence start), so [CLS] is followed by a line's first word as in
+    # a text given to fill; "any" tiles the stream without overlap (minglm.data.loader.make_windows)
     tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
     # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
     bpe_vocab: int = 4096  # ids of the bpe or word tokenizer, specials and the 256 bytes included
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
         if not self.span_lambda > 0 or self.span_lambda == float("inf"):
             raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
+        if self.window_start not in ("any", "sentence"):
+            raise ValueError(f"TrainConfig.window_start must be any or sentence, got {self.window_start!r}")
         if self.span_unit not in ("token", "word", "known_word"):
             raise ValueError(f"TrainConfig.span_unit must be token, word or known_word, got {self.span_unit!r}")
         if self.tokenizer not in ("char", "bpe", "word"):

@@ -258,16 +258,18 @@ def make_tokenizer(cfg: TrainConfig, corpus):
 
 
 def _objective_overrides(cfg: TrainConfig) -> dict:
-    """Data settings from the config that the objective takes (mask_ratio: the GLM mixtures and BERT only)."""
+    """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
+    only; window_start: every objective)."""
+    windows = {"window_start": cfg.window_start}
     if cfg.objective in GLM_PRESETS:
-        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda}
+        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
     if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
         raise ValueError("TrainConfig.span_unit and span_lambda apply to the glm-* objectives only")
     if cfg.objective == "bert":
-        return {"mask_ratio": cfg.mask_ratio}
+        return {"mask_ratio": cfg.mask_ratio, **windows}
     if cfg.mask_ratio != TrainConfig.mask_ratio:
         raise ValueError(f"TrainConfig.mask_ratio does not apply to the {cfg.objective!r} objective")
-    return {}
+    return windows
 
 
 def _eval_modes(objective) -> list[str | None]:
