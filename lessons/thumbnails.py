@@ -5,8 +5,8 @@
 
 Each lesson is executed as tests/test_lessons.py does it (a real kernel, fast mode, one BLAS thread, the inline
 backend, runs in a temporary folder), so the times it prints are the ones the course's budget of 10 minutes on two
-cores is about. The key plot is the figure drawn by the code cell tagged ``thumbnail`` (``# %% tags=["thumbnail"]``
-in the source); it is scaled to at most 360 × 200 pixels.
+cores is about. The key plot is the first figure drawn by the code cell tagged ``thumbnail``
+(``# %% tags=["thumbnail"]`` in the source); it is scaled to at most 360 × 200 pixels.
 
 Left out: writing the executed notebooks (the committed ones stay without outputs; lessons/build.py makes them).
 """
@@ -50,7 +50,7 @@ def run_lesson(source: Path, runs: Path) -> tuple[float, bytes | None]:
     for cell in nb.cells:
         if "thumbnail" in cell.metadata.get("tags", []):
             images = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-            png = base64.b64decode(images[-1]) if images else None
+            png = base64.b64decode(images[0]) if images else None  # the first figure the cell draws
     return seconds, png
 
 

@@ -157,6 +157,8 @@ def _check_claims(name: str, text: str) -> None:
     if name == "08_objectives_compared":  # GPT learns from nearly every position, BERT from about 15 %
         share = dict(re.findall(r"^ *([a-z0-9-]+): *([0-9.]+)% of positions", text, re.MULTILINE))
         assert float(share["gpt"]) > 90 and float(share["bert"]) < 25, share
+        infill = dict(re.findall(r"^ *([a-z0-9-]+): .*infilling loss ([0-9.]+)", text, re.MULTILINE))
+        assert min(infill, key=lambda k: float(infill[k])) == "glm-base", infill  # GLM fills blanks best
     if name == "13_beyond_one_machine":
         m = re.search(r"all-reduced against the whole batch: ([0-9.e+-]+)", text)
         assert m and float(m.group(1)) < 1e-5, m and m.group(0)
