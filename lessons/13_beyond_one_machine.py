@@ -184,10 +184,16 @@ print("largest difference, sum of the two devices against the whole layer:",
 # minglm's weights have the same shapes as the official GLM's and SAT's; only the names differ
 # (`minglm/interop.py`, `docs/parity.md` §3). `interop.save(model, path, "sat")` writes them under SAT's names, and
 # `interop.sat_args` says which SAT model reads them back with which sizes. Here the course model goes out and comes
-# back:
+# back (SAT holds two kinds of GLM: GLM-1, and GLM-130B's RoPE + DeepNorm; another mix of lesson 12's switches is
+# refused with the reason, and then this cell exports the small GLM-1 of section 2 instead):
 
 # %%
 model, mtok, source = course_model()
+try:
+    interop.sat_model(model.config)
+except ValueError as e:
+    print(e)
+    model, mtok = small, tok
 with tempfile.TemporaryDirectory() as folder:
     path = interop.save(model, Path(folder) / "glm_sat.npz", layout="sat")
     state = interop.load_npz(path)
