@@ -55,6 +55,11 @@ from minglm.data import (
 )
 from minglm.tokenizer import SPECIAL_TOKENS, CharTokenizer
 
+try:  # sliders beside the static figures; headless (or without ipywidgets) the static figures say the same
+    from ipywidgets import IntSlider, interact
+except ImportError:
+    interact = None
+
 rng = np.random.default_rng(0)  # one seeded generator: the same spans every time you run the notebook
 
 # %% [markdown]
@@ -207,6 +212,19 @@ print(describe(sample, tok, max_tokens=40))
 
 # %%
 display(viz.plot_blank_infilling(sample, tokenizer=tok))
+
+# %% [markdown]
+# In Jupyter, the slider below draws the same line with the spans of another seed: other lengths, other places,
+# another Part-B order, the same rules. (Headless it shows nothing; the figure above is seed 0's.)
+
+# %%
+def spans_of_seed(seed):
+    other = np.random.default_rng(seed)
+    display(viz.plot_blank_infilling(blank_infill(framed, sampler(framed, other), rng=other), tokenizer=tok))
+
+
+if interact is not None:
+    _ = interact(spans_of_seed, seed=IntSlider(value=0, min=0, max=30, description="seed"))
 
 # %%
 display(viz.plot_positions(sample, tokenizer=tok, show_targets=True))

@@ -57,6 +57,11 @@ from minglm.optim import AdamW, CosineSchedule
 from minglm.tokenizer import CharTokenizer
 from minglm.train import Trainer, unigram_baseline
 
+try:  # sliders beside the static figures; headless (or without ipywidgets) the static figures say the same
+    from ipywidgets import IntSlider, interact
+except ImportError:
+    interact = None
+
 FAST = os.environ.get("MINGLM_FAST", "1") == "1"
 rng = np.random.default_rng(0)  # the one generator: model init, data order, the blanks
 
@@ -246,6 +251,19 @@ print(f"validation accuracy on Part-B targets: {final['val_acc']:.1%}")
 
 # %%
 display(viz.plot_attention_weights(model, val_batches[0][1], layer=config.n_layer - 1, head=0, tokenizer=tok))
+
+# %% [markdown]
+# In Jupyter, step through every layer and head with the sliders (headless, the figure above is the last layer's
+# first head):
+
+# %%
+def head_of(layer, head):
+    display(viz.plot_attention_weights(model, val_batches[0][1], layer=layer, head=head, tokenizer=tok))
+
+
+if interact is not None:
+    _ = interact(head_of, layer=IntSlider(value=config.n_layer - 1, min=0, max=config.n_layer - 1),
+                 head=IntSlider(value=0, min=0, max=config.n_head - 1))
 
 # %% [markdown]
 # The probability the model gives each Part-B target of one validation row, span by span: the first character of

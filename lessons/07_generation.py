@@ -49,6 +49,11 @@ from minglm.generate import Sampling, build_context, fill, format_steps, recompu
 from minglm.model import KVCache
 from minglm.tensor import no_grad
 
+try:  # sliders beside the static figures; headless (or without ipywidgets) the static figures say the same
+    from ipywidgets import IntSlider, interact
+except ImportError:
+    interact = None
+
 # %% [markdown]
 # ## 1. A trained model
 #
@@ -107,6 +112,21 @@ seen = Sample(
     position_ids=np.asarray(result.position_ids), block_position_ids=np.asarray(result.block_position_ids), sep=n,
 )
 display(viz.plot_positions(seen, tokenizer=tok, show_targets=False, title="what the model saw while decoding"))
+
+# %% [markdown]
+# In Jupyter, the slider replays the decoding one step at a time: what the model has read after step k, and the
+# five candidates it weighed (headless, the figure above shows the end).
+
+# %%
+def after_step(k):
+    shown = n + k + 1  # the context, <sop> and the first k chosen tokens
+    display(viz.plot_positions(seen, tokenizer=tok, show_targets=False, window=(0, shown),
+                               title=f"after step {k}: fed {tok.decode([result.steps[k].token_in])!r}"))
+    print("candidates:", ", ".join(f"{tok.decode([t])!r} {p:.2f}" for t, p in result.steps[k].top))
+
+
+if interact is not None:
+    _ = interact(after_step, k=IntSlider(value=0, min=0, max=len(result.steps) - 1, description="step"))
 
 # %% [markdown]
 # How sure was the model at each step? The probability of the token it chose, with the runner-up:
