@@ -83,7 +83,21 @@ for m, n in ((5, 2), (13, 10), (103, 100)):
 # %% [markdown]
 # In GLM-130B (1-D RoPE) a Part-B token uses only its first position id, the blank's position, so every token of a
 # span sits at its blank; the order inside the span comes from the causal mask. SAT's 2-D variant turns half of
-# each head by the position and half by the block id. The angles of each pair over the positions:
+# each head by the position and half by the block id. Two tokens of one span (position 7, block ids 1 and 2) under
+# each, through `GLM.rotary`, the tables the model itself uses:
+
+# %%
+for position in ("rope1d", "rope2d"):
+    m = GLM(GLMConfig(vocab_size=20, n_layer=1, n_head=1, d_model=d, max_len=16, position=position), rng)
+    cos, sin, chunks = m.rotary(np.array([[7, 7]]), np.array([[1, 2]]))
+    a, b = (F.rope_array(q[None, None, None], cos[:, :, i:i + 1], sin[:, :, i:i + 1], chunks)[0, 0, 0]
+            for i in (0, 1))
+    print(f"{position}: the two tokens' rotated queries differ by {np.abs(a - b).max():.3f} "
+          f"(first half {np.abs(a - b)[: d // 2].max():.3f}, second half {np.abs(a - b)[d // 2:].max():.3f})")
+
+# %% [markdown]
+# 1-D: identical, the span's order is left to the mask. 2-D: the first half (turned by the position) is the same,
+# the second half (turned by the block id) differs. The angles of each pair over the positions:
 
 # %%
 cos, _ = F.rotary_tables([np.arange(64)[None]], d, dtype=np.float64)
