@@ -26,18 +26,21 @@ any claim beyond a few hundred steps of a character model. The numbers say what 
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from minglm.backend import cpu_name
 from minglm.config import TrainConfig
 from minglm.model import GLM, GLMConfig
 
-GLM130B_SWITCHES = dict(position="rope1d", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1,
-                        softmax_scaling=True)  # the glm-130b preset's switches
+GLM130B_SWITCHES = dict(position="rope1d", gmask_positions="continue", norm="deepnorm", ffn="geglu",
+                        embedding_grad_scale=0.1, softmax_scaling=True)  # the glm-130b preset's switches
 VAL_SEED = 1234  # the validation blanks of the trainer's evaluation, as ``python -m minglm train`` uses
 SPIKE_WINDOW = 20  # steps of history the gradient-norm spike is measured against
+BUDGET_MINUTES = 30  # the full ablation must fit in this on 2 cores (issue 16)
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,15 @@ def train_one(setting: Setting, seed: int, cfg: AblationConfig, data: Data) -> d
                   grad_spike=grad_spike(norms), max_grad_norm=max(norms) if norms else float("nan"),
                   loss_curve=[round(float(r["loss"]), 4) for r in steps])
     if diverged:
-        record.update(val_loss=float("nan"), fill_exact=float("nan"), fill_f1=float("nan"))
+        record.update(val_loss=float("nan"), fill_exact=float("nan"), fill_f1=float("nan"),
+                      run_seconds=round(time.perf_counter() - t0, 2))
         return record
     record["val_loss"] = float(trainer.evaluate()["val_loss"])
     model.eval()
     preds = model_fills(model, data.tokenizer, data.blanks, cfg.fill_max_new)
     scores = score(preds, data.blanks)["all"]
-    record.update(fill_exact=float(scores["exact"]), fill_f1=float(scores["f1"]))
+    record.update(fill_exact=float(scores["exact"]), fill_f1=float(scores["f1"]),
+                  run_seconds=round(time.perf_counter() - t0, 2))  # training, evaluation and fills
     return record
 
 
@@ -208,6 +213,7 @@ def select(keys: list[str] | None) -> list[Setting]:
 def run_ablation(cfg: AblationConfig, settings: list[Setting] | None = None, say=print) -> dict:
     """Train every setting at every seed; returns {"config", "runs", "summary", "ngram_exact", "seconds"}."""
     settings = list(settings or SETTINGS)
+    load_at_start = _load()
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     say(f"ablation: {len(settings)} settings x {len(cfg.seeds)} seeds, {cfg.steps} steps each, "
@@ -222,7 +228,44 @@ def run_ablation(cfg: AblationConfig, settings: list[Setting] | None = None, say
                 f"spike x{r['grad_spike']:.1f}  {r['tokens_per_s']:.0f} tok/s  ({r['train_seconds']:.0f} s"
                 f"{', diverged' if r['diverged'] else ''})")
     return {"config": {**asdict(cfg), "seeds": list(cfg.seeds)}, "runs": runs, "summary": summarize(runs, settings),
-            "ngram_exact": data.ngram_exact, "ngram_f1": data.ngram_f1, "seconds": round(time.perf_counter() - t0, 1)}
+            "ngram_exact": data.ngram_exact, "ngram_f1": data.ngram_f1, "seconds": round(time.perf_counter() - t0, 1),
+            "machine": machine(load_at_start)}
+
+
+def machine(load_at_start: float | None = None) -> dict:
+    """Where the timings come from: the CPU, its cores, and the load average (at the start and now)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_start": load_at_start, "load_end": _load()}
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def estimate(cfg: AblationConfig, settings: list[Setting] | None = None, probe_steps: int = 20,
+             say=print) -> dict:
+    """How long the whole ablation of ``cfg`` would take here, from a short run of every setting at one seed.
+
+    Each probe run is timed as training (per step) and the rest (its evaluation and fills, which do not grow with
+    the steps); the estimate is the data preparation plus, per setting and seed, the rest plus ``cfg.steps`` steps.
+    Returns {"minutes", "budget_minutes", "fits", "per_setting", "machine"}; on a shared machine it moves with the
+    load, which ``machine`` records."""
+    settings = list(settings or SETTINGS)
+    load_at_start = _load()
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    total = time.perf_counter() - t0
+    probe = replace(cfg, steps=probe_steps, warmup=min(cfg.warmup, probe_steps))
+    per_setting = []
+    for setting in settings:
+        r = train_one(setting, cfg.seeds[0], probe, data)
+        per_step = r["train_seconds"] / max(r["steps_done"], 1)
+        run = (r["run_seconds"] - r["train_seconds"]) + per_step * cfg.steps
+        total += run * len(cfg.seeds)
+        per_setting.append({"setting": setting.key, "seconds_per_step": per_step, "run_seconds": run})
+        say(f"  {setting.label:<20} {1e3 * per_step:6.0f} ms/step -> about {run / 60:.1f} min a run")
+    minutes = total / 60
+    return {"minutes": minutes, "budget_minutes": BUDGET_MINUTES, "fits": minutes <= BUDGET_MINUTES,
+            "per_setting": per_setting, "machine": machine(load_at_start)}
 
 
 def summarize(runs: list[dict], settings: list[Setting]) -> list[dict]:
@@ -253,7 +296,7 @@ def format_table(result: dict) -> str:
              f"seeds {cfg['seeds']}, lr {cfg['lr']:g} (high lr {cfg['high_lr']:g}); fill = exact match on "
              f"{cfg['fill_word']} word + {cfg['fill_span']} span blanks (n-gram baseline "
              f"{100 * result['ngram_exact']:.1f} %, char-F1 {100 * result.get('ngram_f1', float('nan')):.1f} %); "
-             f"{result['seconds'] / 60:.1f} min in all.",
+             f"{result['seconds'] / 60:.1f} min in all{_where(result.get('machine'))}.",
              "",
              "| setting | lr | val loss (per seed) | fill exact | fill char-F1 | largest grad-norm spike | tokens/s |",
              "|---|---:|---|---:|---:|---:|---:|"]
@@ -266,5 +309,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AblationConfig", "QUICK", "SETTINGS", "Setting", "format_table", "grad_spike", "prepare_data",
-           "run_ablation", "select", "summarize", "train_one"]
+def _where(m: dict | None) -> str:
+    """ " on <CPU>, <n> cores, load a → b" for the table's first line (older results have no machine)."""
+    if not m:
+        return ""
+    return (f" on {m['cpu']}, {m['cores']} cores, load average {m['load_start']} at the start, "
+            f"{m['load_end']} at the end")
+
+
+__all__ = ["AblationConfig", "BUDGET_MINUTES", "QUICK", "SETTINGS", "Setting", "estimate", "format_table",
+           "grad_spike", "machine", "prepare_data", "run_ablation", "select", "summarize", "train_one"]

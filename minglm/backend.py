@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 from types import ModuleType
 
@@ -137,6 +138,18 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo), or the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 SPIN = "18"  # OPENBLAS_THREAD_TIMEOUT: idle BLAS threads spin 2^18 cycles (about 0.1 ms) instead of 2^28 (0.1 s)

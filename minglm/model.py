@@ -64,13 +64,17 @@ class GLMConfig:
     ffn: str = "gelu"  # gelu (tanh-GeLU, 4C) | geglu (GLM-130B: exact-erf GeLU gate, (8/3)C)
     embedding_grad_scale: float = 1.0  # EGS α: 1 = off; GLM-130B used 0.1
     softmax_scaling: bool = False  # GLM-130B's FP32 softmax with q/(√hs·c), c = layer + 1: same maths in float32
+    # rope1d only (the other position switches ignore it): where the tokens that fill a [gMASK] blank sit. "blank": at
+    # the blank's position, like a [MASK] fill (GLM-1's first position row); "continue": counting on from it,
+    # position + block id (GLM-130B App. B.3)
+    gmask_positions: str = "blank"
     # How attention runs, not what it computes: auto = the fused kernel on a GPU, its NumPy twin on the CPU from
     # kernels.TWIN_MIN_T tokens on, else the plain path; plain | flash force one. The train command takes its default
     # from MINGLM_ATTENTION, once; nothing reads the environment while the model runs.
     attention: str = "auto"
 
     SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu"),
-                "attention": F.ATTENTION_IMPLS}
+                "gmask_positions": ("blank", "continue"), "attention": F.ATTENTION_IMPLS}
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_len"):
@@ -141,7 +145,8 @@ class GLMConfig:
         "course": dict(n_layer=4, n_head=8, d_model=256, max_len=128, seq_len=128, dropout=0.1, position="rope1d"),
         # tiny's size with GLM-130B's recipe (its data mixture is the glm-130b training preset, minglm/config.py)
         "glm-130b": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128, position="rope1d",
-                         norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1, softmax_scaling=True),
+                         gmask_positions="continue", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1,
+                         softmax_scaling=True),
     }
 
     @classmethod
@@ -180,7 +185,8 @@ class GLMConfig:
         return cls(**d)
 
 
-_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "attention")
+_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "gmask_positions", "attention")
+GMASK_ID = 4  # the id of [gMASK] in minglm's tokenizers (tokenizer.GMASK_ID, one layer up; a test keeps them equal)
 
 
 # --- the transformer ------------------------------------------------------------------------------------------------
@@ -405,14 +411,22 @@ class GLM(Module):
             x = x + self.block_position_embeddings(block_position_ids.reshape(-1))
         return self.embedding_dropout(x, rng)
 
-    def rotary(self, position_ids, block_position_ids):
+    def rotary(self, position_ids, block_position_ids, tokens=None, cache: KVCache | None = None):
         """(cos, sin, chunks) that turn q and k by the positions (``F.rotary_tables``), or None for the tables.
 
         rope1d uses the first position row only, so a Part-B token sits at its blank's position (GLM-130B App. B.3);
-        rope2d turns half of each head by the position and half by the block id (SAT ``glm130B_model.py``)."""
+        with ``gmask_positions="continue"`` a [gMASK] fill counts on from its blank instead (``rope1d_positions``,
+        which reads the blank's token from ``tokens``, or from the ``cache`` when decoding). rope2d turns half of
+        each head by the position and half by the block id (SAT ``glm130B_model.py``)."""
         if self.config.position == "learned2d":
             return None
-        ids = [position_ids] if self.config.position == "rope1d" else [position_ids, block_position_ids]
+        if self.config.position == "rope2d":
+            ids = [position_ids, block_position_ids]
+        elif self.config.gmask_positions == "continue":
+            row = cache.tokens[:, :cache.length + tokens.shape[1]] if cache is not None else tokens  # (B, Tk)
+            ids = [rope1d_positions(row, position_ids, block_position_ids)]
+        else:
+            ids = [position_ids]
         cos, sin = F.rotary_tables(ids, self.config.head_size, self.word_embeddings.weight.dtype)
         return cos, sin, len(ids)
 
@@ -432,7 +446,9 @@ class GLM(Module):
         )
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids, rng)  # (N, C)
-        rotary = self.rotary(position_ids, block_position_ids)  # None, or (B, 1, T, hs) tables
+        if cache is not None:
+            cache.write_tokens(tokens)
+        rotary = self.rotary(position_ids, block_position_ids, tokens, cache)  # None, or (B, 1, T, hs) tables
         for i, block in enumerate(self.layers):
             x = block(x, B, T, sep, i, cache, rng, rotary)  # (N, C)
         if cache is not None:
@@ -463,7 +479,9 @@ class GLM(Module):
         if self.config.position == "learned2d":
             x += self.position_embeddings.infer(position_ids.reshape(-1))
             x += self.block_position_embeddings.infer(block_position_ids.reshape(-1))
-        rotary = self.rotary(position_ids, block_position_ids)
+        if cache is not None:
+            cache.write_tokens(tokens)
+        rotary = self.rotary(position_ids, block_position_ids, tokens, cache)
         for i, block in enumerate(self.layers):
             x = block.infer(x, B, T, sep, i, cache, rotary)  # (N, C)
         if cache is not None:
@@ -481,7 +499,7 @@ class GLM(Module):
         )
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids)
-        rotary = self.rotary(position_ids, block_position_ids)
+        rotary = self.rotary(position_ids, block_position_ids, tokens)
         for i in range(layer):
             x = self.layers[i](x, B, T, sep, i, rotary=rotary)  # (N, C)
         attn = self.layers[layer].attention
@@ -490,6 +508,21 @@ class GLM(Module):
         s = (q.data @ xp.swapaxes(k.data, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
         s = xp.where(glm_mask(xp, sep, T, T), s, -np.inf)
         return to_numpy(F.softmax(Tensor._wrap(s, False), axis=-1).data)
+
+
+def rope1d_positions(tokens, position_ids, block_position_ids):
+    """GLM-130B's one-dimensional positions (App. B.3) from GLM's two rows of ids, for ``gmask_positions="continue"``.
+
+    A Part-B token (block id b > 0) of a [MASK] or [sMASK] blank keeps its blank's position p; one of a [gMASK] blank
+    counts on from it, p + b: the [gMASK] suffix is generated as a continuation of the text, as in GLM-130B's
+    ``generate.py`` (``position_ids`` = ``arange``, with the [MASK] positions overwritten). Which blank a token fills is
+    read off ``tokens[b, p]`` (B, Tk): a Part-A token sits at its own index, so p is also where its blank is.
+    position_ids and block_position_ids (B, T) are the last T of the Tk tokens. Returns (B, T) ints.
+    """
+    xp = get_xp(position_ids)
+    blank = xp.take_along_axis(tokens, xp.minimum(position_ids, tokens.shape[1] - 1), axis=1)  # (B, T)
+    continued = (block_position_ids > 0) & (blank == GMASK_ID)
+    return position_ids + block_position_ids * continued
 
 
 # --- inference cache ------------------------------------------------------------------------------------------------
@@ -516,7 +549,12 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, capacity, config.head_size)
         self.k = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
         self.v = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
+        self.tokens = xp.zeros((batch_size, capacity), dtype=np.int64)  # (B, capacity): the ids fed so far
         self.batch_size, self.capacity, self.length = batch_size, capacity, 0  # capacity: positions, not a position id
+
+    def write_tokens(self, tokens) -> None:
+        """Record the new (B, T) token ids after the cached ones (a [gMASK] fill under 1-D RoPE looks its blank up)."""
+        self.tokens[:, self.length:self.length + tokens.shape[1]] = tokens
 
     def write(self, layer: int, k, v):
         """Write the new (B, nh, T, hs) key/value arrays after the cached ones; return all of them, (B, nh, Tk, hs)

@@ -98,12 +98,13 @@ def test_rope_refuses_an_odd_head_size():
 # --- the model: each switch against a hand-written NumPy forward --------------------------------------------------
 
 import minglm  # noqa: E402
-from minglm.model import GLM, GLMConfig, KVCache  # noqa: E402
+from minglm.model import GLM, GMASK_ID, GLMConfig, KVCache  # noqa: E402
 
 _erf = np.vectorize(math.erf)
 SWITCH_CASES = {  # name -> GLMConfig overrides; "all" is the glm-130b preset's recipe (with 2-D RoPE)
     "glm1": {},
     "rope1d": dict(position="rope1d"),
+    "rope1d_gmask": dict(position="rope1d", gmask_positions="continue"),  # GLM-130B's [gMASK] positions
     "rope2d": dict(position="rope2d"),
     "deepnorm": dict(norm="deepnorm"),
     "geglu": dict(ffn="geglu"),
@@ -120,8 +121,9 @@ def small_config(**kw) -> GLMConfig:
 
 
 def batch():
-    """The GLM paper's Figure 2 (0-based, as the official make_block_data) and a second, right-padded sample."""
-    tokens = np.array([[1, 2, 8, 4, 8, 5, 5, 6, 5, 3], [1, 2, 8, 5, 9, 10, 0, 0, 0, 0]])
+    """The GLM paper's Figure 2 (0-based, as the official make_block_data) and a second, right-padded sample whose
+    blank is a [gMASK] (id 4) at index 2, filled by <sop> x x."""
+    tokens = np.array([[1, 2, 8, 4, 8, 5, 5, 6, 5, 3], [1, 2, 4, 5, 9, 10, 0, 0, 0, 0]])
     pos = np.array([[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 1, 2, 2, 2, 2, 0, 0, 0, 0]])
     block = np.array([[0, 0, 0, 0, 0, 1, 2, 3, 1, 2], [0, 0, 0, 1, 2, 3, 0, 0, 0, 0]])
     return tokens, pos, block, np.array([5, 3])
@@ -177,6 +179,8 @@ def reference_forward(sd, cfg: GLMConfig, tokens, pos, block, sep):
         q, k, v = (qkv[..., j * C:(j + 1) * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for j in range(3))
         if cfg.position != "learned2d":
             ids = [pos] if cfg.position == "rope1d" else [pos, block]
+            if cfg.gmask_positions == "continue":  # a [gMASK] fill counts on from its blank (GLM-130B App. B.3)
+                ids = [np.where((block > 0) & (np.take_along_axis(tokens, pos, 1) == GMASK_ID), pos + block, pos)]
             q, k = rope_ref(q, ids), rope_ref(k, ids)
         s = np.where(allowed[:, None], q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs), -np.inf)
         a = np.exp(s - s.max(-1, keepdims=True))
@@ -377,6 +381,53 @@ def test_fill_decoders_equal_recompute_for_every_switch(case, kind):
     np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
 
 
+def test_gmask_fill_counts_on_under_rope1d_and_a_mask_fill_stays():
+    """gmask_positions="continue" (GLM-130B App. B.3): Part-B tokens of a [gMASK] blank at p turn by p + block id, so
+    the model equals the same weights without the rule fed those 1-D positions; a [MASK] fill keeps p."""
+    from minglm.model import rope1d_positions
+    from minglm.tokenizer import GMASK_ID as TOKENIZER_GMASK_ID, MASK_ID
+
+    assert GMASK_ID == TOKENIZER_GMASK_ID  # the model's copy of the id, one layer below the tokenizer
+    cont = perturbed(small_config(position="rope1d", gmask_positions="continue"))
+    blank = perturbed(small_config(position="rope1d"))
+    assert cont.state_dict().keys() == blank.state_dict().keys()
+    blank.load_state_dict(cont.state_dict())
+    for blank_id, moved in ((GMASK_ID, True), (MASK_ID, False)):
+        tokens = np.array([[1, 7, 8, blank_id, 5, 9, 10]])  # [CLS] a b [blank] <sop> x y: sep 4
+        pos, block, sep = np.array([[0, 1, 2, 3, 3, 3, 3]]), np.array([[0, 0, 0, 0, 1, 2, 3]]), np.array([4])
+        one_d = rope1d_positions(tokens, pos, block)
+        assert one_d.tolist() == ([[0, 1, 2, 3, 4, 5, 6]] if moved else pos.tolist())
+        with minglm.no_grad():
+            np.testing.assert_allclose(cont(tokens, pos, block, sep).numpy(), blank(tokens, one_d, block, sep).numpy(),
+                                       rtol=0, atol=1e-12)
+    assert GLMConfig.preset("glm-130b").gmask_positions == "continue"
+
+
+@pytest.mark.parametrize("kind", ["fast", "cached"])
+def test_gmask_fill_with_continued_positions_equals_recompute(kind):
+    """Decoding a [gMASK] suffix under the rule: the decoders look the blank up in the cache's tokens, and every
+    step equals one full forward over everything fed so far."""
+    from minglm import generate as G
+    from minglm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["abcdefghijklmnopqrstuvwxyz .,!"])
+    cfg = GLMConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_len=64, position="rope1d",
+                    gmask_positions="continue")
+    model = perturbed(cfg, dtype=np.float32)
+    logits = []
+
+    def factory(m, capacity):
+        dec = G.make_decoder(m, capacity, kind)
+        step = dec.step
+        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
+        return dec
+
+    r = G.fill(model, tok, "to be or not [MASK] be, [gMASK]", G.Sampling(max_new_tokens=4),
+               np.random.default_rng(3), decoder=factory)
+    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
+    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+
+
 # --- presets and bad input ----------------------------------------------------------------------------------------
 
 
@@ -565,9 +616,28 @@ def test_ablate_command_on_a_few_steps(tmp_path, capsys):
         assert run["tokens_per_s"] > 0 and run["grad_spike"] >= 1.0
     assert result["summary"][1]["lr"] == pytest.approx(0.02)
     assert (out / "ablation.md").read_text().startswith("3 steps of the tiny config")
+    assert " cores, load average " in (out / "ablation.md").read_text()  # the timing says where it was measured
+    assert result["machine"]["cores"] >= 1 and all(r["run_seconds"] >= r["train_seconds"] for r in result["runs"])
     assert (out / "ablation.png").stat().st_size > 10_000
     assert main(["ablate", "--only", "nope"]) == 2
     assert "unknown setting" in capsys.readouterr().err
+
+
+def test_ablate_estimate_times_a_probe_and_extrapolates(tmp_path, capsys):
+    from dataclasses import replace
+
+    from minglm import ablate
+    from minglm.commands import main
+
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    cfg = replace(ablate.QUICK, steps=50, corpus=str(corpus))
+    est = ablate.estimate(cfg, ablate.select(["glm1"]), probe_steps=2, say=lambda *_: None)
+    run = est["per_setting"][0]
+    assert est["budget_minutes"] == 30 and est["fits"] == (est["minutes"] <= 30)
+    assert run["seconds_per_step"] > 0 and run["run_seconds"] >= 50 * run["seconds_per_step"]
+    assert est["minutes"] * 60 >= 2 * run["run_seconds"]  # two seeds
+    assert main(["ablate", "--estimate", "--quick", "--steps", "5", "--only", "glm1", "--corpus", str(corpus)]) == 0
+    assert "budget 30 min" in capsys.readouterr().out
 
 
 def test_plot_ablation_draws_bars_dots_and_diverged_seeds():

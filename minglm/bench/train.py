@@ -307,20 +307,6 @@ def run_config(name: str, steps: int, threads: int, use_torch: bool, profile: bo
     return result
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo), or the platform's word for it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform  # noqa: PLC0415 - only where /proc/cpuinfo is missing
-
-    return platform.processor() or platform.machine()
-
-
 def _blas_threads() -> str:
     keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "unset (BLAS uses all cores)"
@@ -348,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print("(torch is not importable: minglm only)")
             use_torch = False
 
-    print(f"CPU: {cpu_name()}; load average {os.getloadavg()[0]:.1f}; BLAS threads: {_blas_threads()}; "
+    print(f"CPU: {backend.cpu_name()}; load average {os.getloadavg()[0]:.1f}; BLAS threads: {_blas_threads()}; "
           f"minglm threads: {parallel.num_threads()}; process tuning: {backend.tuning() or 'off (MINGLM_TUNE=0)'}")
     numpy_first = not args.no_numpy_first
     header = (f"{'config':7} {'params':>9} {'B×T':>8} {'GFLOP':>6} {'ms/step':>8} {'CPU ms':>8} {'tok/s':>8} "

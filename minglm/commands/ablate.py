@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--high-lr", type=float, help="learning rate of the unstable settings (default 2e-2)")
     ap.add_argument("--corpus", default=None, help="shakespeare (default) | tang | a .txt file or folder of them")
     ap.add_argument("--out", default=None, help="output folder (default: runs/ablation or runs/ablation-quick)")
+    ap.add_argument("--estimate", action="store_true", help="time 20 steps of every setting and say how long the "
+                    f"whole ablation would take here, against its {ablate.BUDGET_MINUTES}-minute budget")
     args = ap.parse_args(argv)
     try:
         cfg = ablate.QUICK if args.quick else ablate.AblationConfig()
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, **changes)
         settings = ablate.select([k.strip() for k in args.only.split(",")] if args.only else None)
         out = Path(args.out or ("runs/ablation-quick" if args.quick else "runs/ablation"))
+        if args.estimate:
+            est = ablate.estimate(cfg, settings)
+            m = est["machine"]
+            print(f"estimate: about {est['minutes']:.1f} min for {len(settings)} settings x {len(cfg.seeds)} seeds x "
+                  f"{cfg.steps} steps on {m['cpu']} (load average {m['load_start']} -> {m['load_end']}); "
+                  f"budget {est['budget_minutes']} min: {'fits' if est['fits'] else 'does NOT fit'}")
+            return 0
         result = ablate.run_ablation(cfg, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
