@@ -385,7 +385,8 @@ def test_gmask_fill_counts_on_under_rope1d_and_a_mask_fill_stays():
     """gmask_positions="continue" (GLM-130B App. B.3): Part-B tokens of a [gMASK] blank at p turn by p + block id, so
     the model equals the same weights without the rule fed those 1-D positions; a [MASK] fill keeps p."""
     from minglm.model import rope1d_positions
-    from minglm.tokenizer import GMASK_ID as TOKENIZER_GMASK_ID, MASK_ID
+    from minglm.tokenizer import GMASK_ID as TOKENIZER_GMASK_ID
+    from minglm.tokenizer import MASK_ID
 
     assert GMASK_ID == TOKENIZER_GMASK_ID  # the model's copy of the id, one layer below the tokenizer
     cont = perturbed(small_config(position="rope1d", gmask_positions="continue"))
