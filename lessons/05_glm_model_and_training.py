@@ -227,8 +227,9 @@ print(f"{trainer.step} steps in {seconds:.1f} s")
 
 # %% [markdown]
 # `trainer.records` holds one dictionary per step (loss, learning rate, gradient norm, and the validation loss on
-# evaluation steps): the same records a run writes to `log.jsonl`, so the same plot works for both. The bump a
-# little after step 20, where the warmup ends, is no accident: lesson 6 takes it apart.
+# evaluation steps): the same records a run writes to `log.jsonl`, so the same plot works for both. The small bump
+# and the flat stretch a little after step 18, where the warmup ends and the loss reaches the unigram level, are no
+# accident: lesson 6 takes them apart.
 
 # %% tags=["thumbnail"]
 display(viz.plot_loss_curves([trainer.records], labels=["lesson 3"], smooth=0.8))
