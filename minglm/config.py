@@ -143,11 +143,15 @@ TRAIN_PRESETS = {
                   mask_ratio=0.15),
     "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
                  mask_ratio=0.15, device="gpu"),
-    # the course model: whole-word blanks over byte-level BPE (2,000 ids keep the weights under 15 MB), mostly
-    # one word long (Poisson 1), 25 % of each window; 3,000 steps of 16 x 128 tokens, capped at 55 minutes
-    "course": dict(tokenizer="bpe", bpe_vocab=2000, span_unit="word", span_lambda=1.0, mask_ratio=0.25,
-                   seq_len=128, batch_size=16, steps=3000, lr=1e-3, warmup=200, eval_every=500, ckpt_every=500,
-                   time_limit=3300.0),
+    # the default run and the course model fill whole words: a word tokenizer (4,096 ids), blanks of whole words
+    # the vocabulary holds (Poisson 1), half of each window blanked, windows of 32 tokens that start at a sentence
+    # (README, "What was tried": each choice measured against the word n-gram)
+    "words": dict(tokenizer="word", bpe_vocab=4096, span_unit="known_word", span_lambda=1.0, mask_ratio=0.5,
+                  window_start="sentence", seq_len=32, batch_size=16, steps=2400, lr=2e-3, warmup=100,
+                  eval_every=400, ckpt_every=800, time_limit=240.0),
+    "course": dict(tokenizer="word", bpe_vocab=4096, span_unit="known_word", span_lambda=1.0, mask_ratio=0.5,
+                   window_start="sentence", seq_len=32, batch_size=32, steps=4000, lr=1.5e-3, warmup=200,
+                   eval_every=500, ckpt_every=500, time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=240.0),
 }
