@@ -57,4 +57,4 @@ def test_course_preset_fits_the_size_budget():
     cfg = GLMConfig.preset("course", vocab_size=train["bpe_vocab"], max_len=train["seq_len"] + 1)
     model = GLM(cfg, np.random.default_rng(0))
     assert model.num_parameters() * 4 < 15_000_000  # float32 weights under 15 MB, the bundle's budget
-    assert train["tokenizer"] == "bpe" and train["span_unit"] == "word" and train["time_limit"] <= 3300
+    assert train["tokenizer"] == "word" and train["span_unit"] == "known_word" and train["time_limit"] <= 3300
