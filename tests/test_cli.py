@@ -32,7 +32,7 @@ def test_export_writes_official_names_that_load_back(tmp_path, capsys):
     for i in range(3):  # the split is by document, so validation needs one of them
         text = "\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(100))
         (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    args = ["train", "--corpus", str(corpus), "--out", str(tmp_path), "--name", "r", "--steps", "2",
+    args = ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path), "--name", "r", "--steps", "2",
             "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
             "--set", "seq_len=32", "--set", "batch_size=2", "--set", "eval_batches=1", "--set", "fill_lines=1",
             "--set", "plots=false", "--eval-every", "2", "--ckpt-every", "2", "--quiet"]

@@ -26,7 +26,8 @@ from minglm.runs import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the king queen lord lady good night sweet love death fair heart sword crown".split()
-TINY = ["--set", "model.n_layer=1", "--set", "model.d_model=16", "--set", "model.n_head=2", "--set", "seq_len=16",
+TINY = ["--config", "tiny", "--set", "model.n_layer=1", "--set", "model.d_model=16", "--set", "model.n_head=2",
+        "--set", "seq_len=16",
         "--set", "batch_size=2", "--set", "eval_batches=1", "--set", "fill_words=0", "--set", "fill_spans=0",
         "--set", "plots=false", "--eval-every", "2", "--ckpt-every", "2", "--quiet"]
 

@@ -32,8 +32,8 @@ def corpus_dir(tmp_path_factory):
 
 
 def small_args(corpus_dir, out, name, steps=6, *extra):
-    return ["--corpus", str(corpus_dir), "--out", str(out), "--name", name, "--steps", str(steps),
-            "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+    return ["--config", "tiny", "--corpus", str(corpus_dir), "--out", str(out), "--name", name,
+            "--steps", str(steps), "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
             "--set", "seq_len=32", "--set", "batch_size=4", "--set", "warmup=2", "--set", "eval_batches=2",
             "--set", "fill_lines=2", "--set", "plots=false", "--eval-every", "3", "--ckpt-every", "3", "--quiet",
             *extra]
@@ -45,6 +45,22 @@ def read_log(run_dir):
 
 def without_timing(records):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_the_default_run_is_the_words_recipe(corpus_dir, tmp_path):
+    # no --config: whole-word tokens, blanks over whole words, windows from a sentence start, 1-D RoPE
+    args = ["--corpus", str(corpus_dir), "--out", str(tmp_path), "--name", "w", "--steps", "2",
+            "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+            "--set", "batch_size=2", "--set", "eval_batches=1", "--set", "fill_lines=2", "--set", "fill_words=4",
+            "--set", "fill_spans=2", "--set", "plots=false", "--quiet"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["preset"] == "words" and config["model"]["position"] == "rope1d"
+    train = config["train"]
+    assert (train["tokenizer"], train["span_unit"], train["window_start"], train["seq_len"]) == (
+        "word", "known_word", "sentence", 32)
+    assert json.loads((tmp_path / "w" / "tokenizer.json").read_text())["type"] == "word"
+    assert "fill_eval" in json.loads((tmp_path / "w" / "summary.json").read_text())
 
 
 def test_cli_smoke_run_writes_the_run_folder(corpus_dir, tmp_path):

@@ -1,6 +1,7 @@
 """``python -m minglm train``: a run folder around the ``Trainer`` (minglm/train.py), the main job of minglm.
 
-With no arguments it trains the tiny config on character-level Shakespeare for a few CPU minutes. It writes the run
+With no arguments it trains the ``words`` config (tiny's size with 1-D RoPE, whole-word tokens and blanks) on
+Shakespeare for a few CPU minutes. It writes the run
 folder ``runs/<name>/``: config.json, tokenizer.json, log.jsonl (one JSON line per step), ckpt/step_N.npz + .json and
 summary.json, then plots/*.png through ``viz``. At the end it prints held-out lines with the model's greedy fill
 beside the truth, and compares the validation loss with a unigram baseline.
@@ -92,12 +93,18 @@ def end_of_run_fill_eval(model, tokenizer, corpus, cfg: TrainConfig, say=print) 
 # --------------------------------------------------------------------------------------------------------------
 
 
+DEFAULT_PRESET = "words"  # what `python -m minglm train` trains with no --config
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m minglm train",
-        description="Train a GLM. With no arguments: the tiny config on character-level Shakespeare (CPU, minutes).",
+        description="Train a GLM. With no arguments: the words config (tiny's size, whole-word tokens and blanks, "
+                    "1-D RoPE) on Shakespeare (CPU, minutes); --config tiny is the character-level GLM.",
     )
-    ap.add_argument("--config", default=None, help="tiny | small | base | FILE.json (a run's config.json works)")
+    ap.add_argument("--config", default=None,
+                    help="words (the default) | tiny | small | base | course | glm-130b | FILE.json (a run's "
+                         "config.json works)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config field (train or model.<field>), repeatable, e.g. --set lr=1e-3")
     ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
@@ -327,7 +334,7 @@ def note(text: str) -> None:
 
 def _new_run_config(args) -> tuple[str | None, dict, TrainConfig]:
     """(preset, model dict, TrainConfig) of a new run: the preset or file, then --set, then the flags."""
-    preset, model_dict, train_dict = load_config_source(args.config or "tiny", GLMConfig.PRESETS)
+    preset, model_dict, train_dict = load_config_source(args.config or DEFAULT_PRESET, GLMConfig.PRESETS)
     apply_overrides(model_dict, train_dict, args.set, field_types(GLMConfig))
     if os.environ.get("MINGLM_ATTENTION") and "attention" not in model_dict:  # the one place it is read
         model_dict["attention"] = os.environ["MINGLM_ATTENTION"].strip().lower()
