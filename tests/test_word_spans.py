@@ -63,6 +63,19 @@ def test_a_clitic_belongs_to_its_word():
     assert units == [" I'll", " go", ",", " he'd", " say"], units
 
 
+def test_a_short_window_cut_by_a_document_end_blanks_fewer_words_instead_of_failing():
+    # [CLS] five words <eos> [CLS] three words: half of the 11 units cannot be placed with a gap between spans in
+    # documents this short, so the word sampler blanks fewer units (and counts it) instead of raising
+    tok = BPETokenizer.train([TEXT] * 4, vocab_size=400)
+    ids = np.array([CLS_ID, *tok.encode(" to be or not to"), EOS_ID, CLS_ID, *tok.encode(" the slings and")])
+    sampler = WordSpanSampler(*word_edge_tables(tok), ratio=0.6, lam=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        spans = sampler(ids, rng)
+        assert len(spans) >= 1 and CLS_ID not in ids[spans[:, 0]] and EOS_ID not in ids[spans[:, 0]]
+    assert sampler.stats.get("shrunk", 0) > 0
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), ratio=st.sampled_from([0.15, 0.3, 0.5]))
 def test_word_objective_builds_valid_samples(seed, ratio):
