@@ -436,6 +436,26 @@ def test_pieces_give_the_same_numbers(name, tiny_pieces):
     assert gradcheck(row.op, *mg_inputs, eps=row.eps, atol=row.atol, rtol=row.rtol, name=f"{name} (pieces)")
 
 
+# The plain formula in the library beside each fast form (fused or run on the pool), which its rows are checked against
+PLAIN = {"GeLUTanh": F.gelu_tanh_plain, "LayerNormOp": F.layer_norm_plain, "Attention": F.attention_plain,
+         "FP32SoftmaxAttention": F.attention_plain, "CrossEntropy": F.cross_entropy_plain}
+
+
+def test_every_fast_op_has_its_plain_formula_and_no_device_flags():
+    import inspect
+
+    import minglm.kernels.twin
+    import minglm.optim
+
+    assert set(PIECED) <= set(PLAIN), "a pieced op without a plain formula in minglm.functional"
+    for fn, plain in PLAIN.items():
+        refs = {ROWS[name].ref for name, row in ROWS.items() if row.fn == fn}
+        assert plain in refs or any(plain.__name__ in inspect.getsource(r) for r in refs), (fn, plain.__name__)
+    for module in (F, minglm.kernels.twin, minglm.optim):  # the pool finds the device itself (parallel.map_rows)
+        source = inspect.getsource(module)
+        assert "on_gpu" not in source and "parallel_for" not in source, module.__name__
+
+
 # --- coverage: no Function without a row --------------------------------------------------------------------------
 def _all_function_classes() -> set[type]:
     """Every subclass of Function defined inside the minglm package, found recursively."""
