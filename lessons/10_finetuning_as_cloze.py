@@ -66,7 +66,8 @@ print("verbalisers as tokens:", scorer.answers)
 # %% [markdown]
 # ## 2. Scoring a multi-token answer
 #
-# With characters, "comedy" is six tokens. Each candidate gets its own row, exactly like a pretraining sample:
+# With the character tokenizer, "comedy" is six tokens (the line above shows what this model's tokenizer makes of
+# the three words). Each candidate gets its own row, exactly like a pretraining sample:
 # Part A is `[CLS] pattern <eos>` (bidirectional, `sep` = its length), Part B is `<sop>` + the answer at the blank's
 # position with block ids 1, 2, ..., and the targets are the answer followed by `<eop>`. The score of a candidate is
 # the sum of its targets' log-probabilities, `<eop>` included (so the model must also agree the word *ends* there):

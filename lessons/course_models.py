@@ -32,12 +32,14 @@ QUIET = ["--quiet", "--set", "fill_words=0", "--set", "fill_spans=0", "--set", "
 def lesson_run(name: str, objective: str = "glm-base", steps: int = 300, extra: tuple[str, ...] = ()):
     """(model, tokenizer, run folder) of ``RUNS/name``, trained now with ``objective`` when it is not there yet.
 
-    In fast mode the model is the tiny preset cut to 2 layers of width 64 and ``steps`` steps; otherwise the tiny
-    preset's own run (a few minutes). ``extra``: more ``python -m minglm train`` arguments.
+    The tiny preset (character-level, learned positions) in every mode: in fast mode cut to 2 layers of width 64 and
+    ``steps`` steps; otherwise the preset's own run (a few minutes). ``extra``: more ``python -m minglm train``
+    arguments.
     """
     run = RUNS / name
     if not (run / "ckpt").is_dir():
-        args = ["--out", str(RUNS), "--name", name, "--objective", objective, *QUIET, *extra]
+        # the tiny preset: characters and GLM's own spans, as the lessons describe (the command's default may differ)
+        args = ["--config", "tiny", "--out", str(RUNS), "--name", name, "--objective", objective, *QUIET, *extra]
         if FAST:
             args += ["--steps", str(steps), *FAST_MODEL]
         if train_command.main(args) != 0:
