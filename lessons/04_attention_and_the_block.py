@@ -242,26 +242,38 @@ with no_grad():
     print("max |Block(x) − the two lines| =", float(np.abs(block(x, B, T, sep).numpy() - by_hand.numpy()).max()))
 
 # %% [markdown]
-# Because nothing normalises the sum itself, the **residual stream** grows as layers add to it; that is why the
-# model ends with one more LayerNorm (`final_layernorm`) before the output head. Measured through a deeper
-# untrained model:
+# Because nothing normalises the sum itself, the **residual stream** grows as the layers add to it; that is why the
+# model ends with one more LayerNorm (`final_layernorm`) before the output head. At initialisation the weights are
+# small (standard deviation 0.02) and each layer adds almost nothing, so the stream of an untrained model stays
+# flat. Training makes the weights much larger (the course's trained model goes from about 1 to about 50 in two
+# layers); with every weight matrix of an untrained 8-layer model made 10 times larger, the growth shows:
 
 # %%
-deep = GLM(GLMConfig(vocab_size=20, n_layer=8, n_head=4, d_model=32, max_len=16), rng)
-tokens = rng.integers(8, 20, size=(B, T))
-pos, block_pos = np.tile(np.arange(T), (B, 1)), np.zeros((B, T), dtype=np.int64)
-norms = []
-with no_grad():
-    x = deep.embed(tokens, pos, block_pos)  # (N, C)
-    norms.append(float(np.linalg.norm(x.numpy(), axis=1).mean()))
-    for layer in deep.layers:
-        x = layer(x, B, T, sep)
+def stream_norms(weight_scale, layers=8):
+    """Mean ‖x‖ of a token after the embeddings and after each block, for weight matrices × weight_scale."""
+    deep = GLM(GLMConfig(vocab_size=20, n_layer=layers, n_head=4, d_model=32, max_len=16), np.random.default_rng(1))
+    for _, p in deep.named_parameters():
+        if p.data.ndim == 2:  # the matrices and tables, not the biases and LayerNorm gains
+            p.data *= np.float32(weight_scale)
+    tokens = np.random.default_rng(2).integers(8, 20, size=(B, T))
+    pos, block_pos = np.tile(np.arange(T), (B, 1)), np.zeros((B, T), dtype=np.int64)
+    norms = []
+    with no_grad():
+        x = deep.embed(tokens, pos, block_pos)  # (N, C)
         norms.append(float(np.linalg.norm(x.numpy(), axis=1).mean()))
+        for layer in deep.layers:
+            x = layer(x, B, T, sep)
+            norms.append(float(np.linalg.norm(x.numpy(), axis=1).mean()))
+    return norms
+
+
 fig, ax = plt.subplots(figsize=(6, 3))
-ax.plot(range(len(norms)), norms, "o-")
-ax.set_xlabel("layers applied")
+for scale in (1, 10):
+    ax.plot(stream_norms(scale), "o-", label=f"weights × {scale}" + (" (as initialised)" if scale == 1 else ""))
+ax.set_xlabel("layers applied (0 = the embeddings)")
 ax.set_ylabel("mean ‖x‖ of a token")
-ax.set_title("The residual stream grows layer by layer (pre-LN, untrained)")
+ax.set_title("The pre-LN residual stream grows as each layer adds to it")
+ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]

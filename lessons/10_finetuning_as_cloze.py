@@ -143,7 +143,7 @@ curves = {
 }
 
 # %% tags=["thumbnail"]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.4))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.4), layout="constrained")
 for name, losses in curves.items():
     ax1.plot(np.convolve(losses, np.ones(5) / 5, mode="valid"), label=name)
 ax1.set_xlabel("step")

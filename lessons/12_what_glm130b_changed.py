@@ -121,13 +121,18 @@ plt.show()
 #
 # The first branch of `Block.forward`:
 
-# %%
+# %% tags=["thumbnail"]
 print(inspect.getsource(Block.forward).split("        x = x +")[0])
 
 
-def stream_norms(norm, layers=8):
+def stream_norms(norm, weight_scale=10.0, layers=8):
+    """‖x‖ after each block of an 8-layer model whose weight matrices are × weight_scale (trained weights are far
+    larger than the initial ones; lesson 4), and DeepNorm's α."""
     model = GLM(GLMConfig(vocab_size=20, n_layer=layers, n_head=4, d_model=32, max_len=16, norm=norm),
                 np.random.default_rng(1))
+    for _, p in model.named_parameters():
+        if p.data.ndim == 2:
+            p.data *= np.float32(weight_scale)
     tokens = np.random.default_rng(2).integers(8, 20, size=(2, 10))
     pos, block = np.tile(np.arange(10), (2, 1)), np.zeros((2, 10), dtype=np.int64)
     norms = []
@@ -136,22 +141,25 @@ def stream_norms(norm, layers=8):
         for layer in model.layers:
             x = layer(x, 2, 10, np.array([5, 5]))
             norms.append(float(np.linalg.norm(x.numpy(), axis=1).mean()))
-    return norms, model.config.deepnorm_alpha
+    return np.array(norms), model.config.deepnorm_alpha
 
 
 fig, ax = plt.subplots(figsize=(6, 3))
 for norm in ("pre", "deepnorm"):
     norms, alpha = stream_norms(norm)
-    ax.plot(range(1, 9), norms, "o-", label=f"{norm}" + (f" (α = {alpha:.1f})" if norm == "deepnorm" else ""))
+    ax.plot(range(1, 9), norms / norms[0], "o-",
+            label=f"{norm}" + (f" (α = {alpha:.1f})" if norm == "deepnorm" else ""))
+    print(f"{norm:>8}: ‖x‖ after each layer {np.round(norms, 1)}")
 ax.set_xlabel("layers applied")
-ax.set_ylabel("mean ‖x‖ of a token")
-ax.set_title("The residual stream, 8 untrained layers")
+ax.set_ylabel("‖x‖ / ‖x‖ after layer 1")
+ax.set_title("The residual stream with depth (8 layers, weights × 10)")
 ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# With DeepNorm every layer's output is normalised (‖x‖ ≈ √C · the LayerNorm gain), so no layer's output can run
-# away, whatever the depth: what GLM-130B needed for 70 layers in float16.
+# Pre-LN's stream keeps growing with depth, because every layer adds to an unnormalised sum. DeepNorm's does not:
+# every layer starts from a normalised input and adds at most one layer's worth to it, so no depth of layers can
+# make the stream run away: what GLM-130B needed for 70 layers in float16.
 #
 # ## 3. GeGLU: a gated MLP
 #
@@ -225,7 +233,7 @@ print("softmax in float32:       ", np.round(np.exp(back - back.max()) / np.exp(
 # settings for 20 steps: the mechanics, not a result; `MINGLM_FAST=0` runs the whole `--quick` ablation, about ten
 # minutes):
 
-# %% tags=["thumbnail"]
+# %%
 if FAST:
     cfg = replace(ablate.QUICK, steps=20, seeds=(0,), fill_word=6, fill_span=2, eval_batches=1, fill_max_new=6)
     settings = ablate.select(["glm1", "glm130b"])
