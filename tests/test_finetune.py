@@ -197,3 +197,13 @@ def test_cli_on_a_small_run(tmp_path, capsys):
     assert finetune_command.main(["--run", str(tmp_path / "missing")]) == 2
     assert finetune_command.main(["--run", str(run), "--verbalizers", "comedy,trag\u00e9die,history"]) == 2
     assert "trag\u00e9die" in capsys.readouterr().err
+
+
+def test_finetune_defaults_to_the_bundled_course_model(tmp_path, monkeypatch):
+    from minglm import runs
+
+    bundle = tmp_path / "bundle"
+    monkeypatch.setitem(runs.BUNDLED_RUNS, "course", bundle)
+    assert finetune_command._default_run(tmp_path / "runs") is None  # no bundle, no run: a quick run is trained
+    bundle.mkdir()
+    assert finetune_command._default_run(tmp_path / "runs") == bundle

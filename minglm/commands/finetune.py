@@ -21,7 +21,7 @@ from minglm.commands import train as train_command
 from minglm.finetune import DEFAULT_PATTERN, GENRES, ClozeScorer, ClozeTask, finetune, genre_task
 from minglm.lora import apply_lora, lora_summary, save_lora
 from minglm.prefix import apply_prefix, prefix_summary
-from minglm.runs import load_run, newest_run
+from minglm.runs import BUNDLED_RUNS, load_run, newest_run
 
 
 def _train_quick_run(out: Path, steps: int, say) -> Path:
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m minglm finetune",
         description="Cloze fine-tuning (GLM paper §3.1) on the genre of Shakespeare passages, split by play: "
                     "majority baseline, zero-shot, full fine-tuning, LoRA and prefix tuning.")
-    ap.add_argument("--run", help="pretrained run folder or checkpoint (default: the newest run under --out; "
-                                  "if there is none, a quick tiny run is trained first)")
+    ap.add_argument("--run", help="pretrained run folder, checkpoint or 'course' (default: the bundled course "
+                                  "model; without it, the newest run under --out, else a quick tiny run trained "
+                                  "first)")
     ap.add_argument("--out", default="runs", help="folder that holds run folders (default: runs)")
     ap.add_argument("--pretrain-steps", type=int, default=300, help="steps of the quick run when none exists")
     ap.add_argument("--pattern", default=DEFAULT_PATTERN, help="the cloze pattern with {text} and one [MASK]")
@@ -98,10 +99,17 @@ def check_args(args) -> ClozeTask:
         raise ValueError(f"--pattern: {e}") from None
 
 
+def _default_run(out) -> Path | None:
+    """The run fine-tuned when none is named: the bundled course model, else the newest run under ``out``."""
+    if BUNDLED_RUNS["course"].is_dir():
+        return BUNDLED_RUNS["course"]
+    return newest_run(out)
+
+
 def _run(args, task: ClozeTask) -> int:
     say = print
     t_start = time.perf_counter()
-    run = Path(args.run) if args.run else newest_run(args.out)
+    run = Path(args.run) if args.run else _default_run(args.out)
     if run is None:
         run = _train_quick_run(Path(args.out), args.pretrain_steps, say)
     model, tokenizer = load_run(run)
