@@ -40,7 +40,7 @@ GLM130B_SWITCHES = dict(position="rope1d", gmask_positions="continue", norm="dee
                         embedding_grad_scale=0.1, softmax_scaling=True)  # the glm-130b preset's switches
 VAL_SEED = 1234  # the validation blanks of the trainer's evaluation, as ``python -m minglm train`` uses
 SPIKE_WINDOW = 20  # steps of history the gradient-norm spike is measured against
-BUDGET_MINUTES = 30  # the full ablation must fit in this on 2 cores (issue 16)
+BUDGET_MINUTES = 30  # the full ablation must fit in this on 2 cores (README, "GLM-130B's switches")
 
 
 @dataclass(frozen=True)
