@@ -34,11 +34,12 @@ def git_commit(where: Path) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def make_bundle(run_dir, dest, command: str, fill_report: dict | None = None) -> dict:
+def make_bundle(run_dir, dest, command: str, fill_report: dict | None = None, commit: str | None = None) -> dict:
     """Write ``dest`` as a weights-only copy of ``run_dir``'s newest checkpoint with its manifest; returns it.
 
     ``command`` is recorded as given (the command that trained the run); ``fill_report`` is its fill benchmark
-    (``FillReport.to_dict()``), stored so that the README's table can be checked against the bundle.
+    (``FillReport.to_dict()``), stored so that the README's table can be checked against the bundle; ``commit`` is
+    the git commit the run was trained at (None: the commit checked out where this package lives).
     """
     run_dir, dest = Path(run_dir), Path(dest)
     model, tokenizer = load_run(run_dir)
@@ -53,7 +54,7 @@ def make_bundle(run_dir, dest, command: str, fill_report: dict | None = None) ->
     manifest = {
         "name": COURSE_NAME,
         "command": command,
-        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "git_commit": commit or git_commit(Path(__file__).resolve().parent),
         "source_run": run_dir.name,
         "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
         "fill_eval": fill_report,

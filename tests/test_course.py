@@ -29,6 +29,8 @@ def test_bundle_round_trip_and_tamper_detection(run_dir, tmp_path):
     assert manifest["command"] == "python -m minglm train --config tiny" and manifest["fill_eval"] == {"rank": 1}
     assert set(manifest["files"]) == {"config.json", "tokenizer.json", "ckpt/step_7.npz", "ckpt/step_7.json"}
     assert course.verify_bundle(tmp_path / "bundle")["files"] == manifest["files"]
+    named = course.make_bundle(src, tmp_path / "bundle2", "python -m minglm train", commit="0123abc")
+    assert named["git_commit"] == "0123abc"  # a run trained outside this checkout names its own commit
     loaded, tok = runs.load_run(tmp_path / "bundle")
     for (name, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
         np.testing.assert_array_equal(a, b, err_msg=name)

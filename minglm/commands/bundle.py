@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", default=None,
                     help="the command that trained the run, for the manifest (None: python -m minglm train "
                          "--config <its preset>)")
+    ap.add_argument("--git-commit", default=None,
+                    help="the commit the run was trained at, for a run trained outside this checkout (None: this "
+                         "checkout's commit)")
     args = ap.parse_args(argv)
     try:
         run_dir, _ = resolve_run(args.run)
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_run(run_dir)
         corpus = run_corpus(run_dir)
         report = evaluate_fill(model, tokenizer, corpus.train, corpus.val)
-        manifest = make_bundle(run_dir, Path(args.out), command, report.to_dict())
+        manifest = make_bundle(run_dir, Path(args.out), command, report.to_dict(), commit=args.git_commit)
     except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
