@@ -163,10 +163,11 @@ def gelu_tanh_backward_into(x, x2, t, grad, out) -> None:
 
 
 def gelu_tanh_array(x):
-    """GeLU of a plain array, no graph (decoding: ``nn`` layers' ``infer``)."""
+    """GeLU of a plain array, no graph (decoding: ``nn`` layers' ``infer``). Nothing is kept for a backward, so x²
+    is built in the output's buffer."""
     xp = get_xp(x)
     out = xp.empty_like(x)
-    gelu_tanh_into(x, xp.empty_like(x), xp.empty_like(x), out)
+    gelu_tanh_into(x, out, xp.empty_like(x), out)
     return out
 
 
