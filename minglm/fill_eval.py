@@ -217,35 +217,48 @@ class FillReport:
 FILLERS = ("model", "n-gram", "most frequent")
 
 
-def model_fills(model, tokenizer, blanks: list[Blank], max_new: int = 40) -> list[str]:
-    """The model's greedy fill of each blank (at most ``max_new`` tokens), trimmed of surrounding spaces."""
+def model_fills(model, tokenizer, blanks: list[Blank], max_new: int = 40, beams: int = 1) -> list[str]:
+    """The model's greedy fill of each blank (at most ``max_new`` tokens; ``beams`` > 1: the most likely whole fill
+    of a beam search, ``minglm.generate.beam_search``), trimmed of surrounding spaces."""
     out = []
+    sampling = Sampling(greedy=True, max_new_tokens=max_new, beams=beams)
     for b in blanks:
-        result = fill(model, tokenizer, b.text, Sampling(greedy=True, max_new_tokens=max_new), n_top=0)
+        result = fill(model, tokenizer, b.text, sampling, n_top=0)
         out.append(result.fills[0].strip())
     return out
 
 
 def evaluate_fill(model, tokenizer, train_docs: list[str], val_docs: list[str], n_word: int = N_WORD,
                   n_span: int = N_SPAN, seed: int = FILL_SEED, n_examples: int = 6, max_new: int = 40,
-                  preds: list[str] | None = None) -> FillReport:
-    """Score the model (or precomputed ``preds``) and both baselines on the blank set of ``val_docs``."""
+                  preds: list[str] | None = None, beams: int = 1) -> FillReport:
+    """Score the model (or precomputed ``preds``) and both baselines on the blank set of ``val_docs``.
+
+    ``beams`` > 1 adds a row, ``model, N beams``: the same model decoded by beam search (``fill``'s default); the
+    rank stays the greedy model's."""
     t0 = time.perf_counter()
     blanks = build_blank_set(val_docs, n_word, n_span, seed)
     if preds is None:
         preds = model_fills(model, tokenizer, blanks, max_new)
+    beam_preds = model_fills(model, tokenizer, blanks, max_new, beams) if beams > 1 else None
     ngram = NgramFiller(train_docs, blanks)
     ngram_preds = [ngram.fill(b) for b in blanks]
     frequent = most_frequent_word(train_docs)
-    scores = {"model": score(preds, blanks), "n-gram": score(ngram_preds, blanks),
-              "most frequent": score([frequent] * len(blanks), blanks)}
+    scores = {"model": score(preds, blanks)}
+    if beam_preds is not None:
+        scores[beam_row(beams)] = score(beam_preds, blanks)
+    scores.update({"n-gram": score(ngram_preds, blanks), "most frequent": score([frequent] * len(blanks), blanks)})
     word_exact = {name: scores[name]["word"]["exact"] or 0.0 for name in FILLERS}
     rank = 1 + sum(word_exact[name] > word_exact["model"] for name in FILLERS if name != "model")
     picks = np.random.default_rng(seed + 1).permutation(len(blanks))[:n_examples]
-    examples = [{"text": blanks[i].text, "truth": blanks[i].truth, "model": preds[i], "n-gram": ngram_preds[i]}
+    examples = [{"text": blanks[i].text, "truth": blanks[i].truth, "model": preds[i], "n-gram": ngram_preds[i],
+                 **({beam_row(beams): beam_preds[i]} if beam_preds is not None else {})}
                 for i in sorted(int(i) for i in picks)]
     return FillReport(seed=seed, n_word=n_word, n_span=n_span, scores=scores, rank=rank, examples=examples,
                       seconds=round(time.perf_counter() - t0, 2))
+
+
+def beam_row(beams: int) -> str:
+    return f"model, {beams} beams"
 
 
 def format_report(report: FillReport) -> str:
@@ -258,12 +271,13 @@ def format_report(report: FillReport) -> str:
     def pct(x):
         return "–" if x is None else f"{100 * x:.1f} %"
 
-    for name in FILLERS:
+    for name in report.scores:  # model, (model, N beams,) n-gram, most frequent
         s = report.scores[name]
         lines.append(f"| {name} | {pct(s['word']['exact'])} | {pct(s['word']['f1'])} | {pct(s['span']['exact'])} | "
                      f"{pct(s['span']['f1'])} |")
     lines += ["", f"model rank on word blanks: {report.rank} of {len(FILLERS)}", ""]
     for ex in report.examples:
         lines.append(f"  {ex['text']}")
-        lines.append(f"      truth {ex['truth']!r}   model {ex['model']!r}   n-gram {ex['n-gram']!r}")
+        beam = "".join(f"   {k} {v!r}" for k, v in ex.items() if k.startswith("model, "))
+        lines.append(f"      truth {ex['truth']!r}   model {ex['model']!r}{beam}   n-gram {ex['n-gram']!r}")
     return "\n".join(lines)

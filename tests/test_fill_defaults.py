@@ -101,9 +101,21 @@ def test_fill_command_is_greedy_by_default_and_help_shows_defaults(run_dir, caps
     with pytest.raises(SystemExit):
         fill_command.main(["--help"])
     helptext = capsys.readouterr().out
-    for flag in ("--sample", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--no-repeat-ngram"):
+    for flag in ("--sample", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--no-repeat-ngram",
+                 "--beams"):
         assert flag in helptext
     assert "default: 1.0" in helptext and "default: 0" in helptext
+
+
+def test_fill_command_searches_4_beams_unless_told_otherwise(run_dir, capsys, monkeypatch):
+    seen = []
+    real = fill_command.fill
+    monkeypatch.setattr(fill_command, "fill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    for extra in ([], ["--greedy"], ["--beams", "1"], ["--beams", "2"], ["--sample"], ["--steps"]):
+        assert fill_command.main([str(run_dir), "ab [MASK] cd", "--max-len", "4", *extra]) == 0
+    assert [s.beams for s in seen] == [4, 1, 1, 2, 1, 1] and [s.greedy for s in seen] == [True] * 4 + [False, True]
+    with pytest.raises(SystemExit):
+        fill_command.main([str(run_dir), "ab [MASK] cd", "--sample", "--beams", "3"])
 
 
 def test_fill_command_warns_about_untrained_blank_types_and_unknown_characters(run_dir, capsys):

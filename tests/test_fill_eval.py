@@ -94,3 +94,15 @@ def tiny_run_model():
     tokenizer = CharTokenizer.from_texts(["\n".join(LINES)])
     config = GLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size, n_layer=1, d_model=16, n_head=2)
     return GLM(config, np.random.default_rng(0)), tokenizer
+
+
+def test_a_beam_row_sits_beside_the_greedy_model(tiny_run_model):
+    model, tokenizer = tiny_run_model
+    train = ["\n".join(LINES)]
+    report = fe.evaluate_fill(model, tokenizer, train, VAL, n_word=2, n_span=1, seed=3, max_new=5, beams=3)
+    assert list(report.scores) == ["model", "model, 3 beams", "n-gram", "most frequent"]
+    assert all("model, 3 beams" in ex for ex in report.examples)
+    beam = fe.model_fills(model, tokenizer, fe.build_blank_set(VAL, 2, 1, seed=3), max_new=5, beams=3)
+    assert report.scores["model, 3 beams"] == fe.score(beam, fe.build_blank_set(VAL, 2, 1, seed=3))
+    table = fe.format_report(report)
+    assert "| model, 3 beams |" in table and "rank on word blanks" in table

@@ -251,3 +251,52 @@ def test_a_step_out_of_range_is_a_clear_error(kind):
     for bad in ((TOK.sop_id, 17, 1), (TOK.sop_id, 1, -1), (TOK.vocab_size, 1, 1)):
         with pytest.raises(ValueError, match="out of range"):
             dec.step(*bad)
+
+
+# --- beam search ------------------------------------------------------------------------------------------------
+
+
+def _log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    return z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+
+
+def test_a_full_width_beam_finds_the_most_likely_short_fill():
+    # with as many beams as ids and two steps, every fill of at most one token is scored in full; the beam's answer
+    # must be the best of them by a brute-force recompute (log p(t) + log p(<eop> | t), or the empty fill)
+    model = small_model(seed=2)
+    text = "to be or [MASK] to be"
+    context, (m,), _ = G.build_context(TOK, text)
+    n, sop, eop = len(context), TOK.sop_id, TOK.eop_id
+    first = _log_softmax(G.recompute_logits(model, [*context, sop], [*range(n), m], [0] * n + [1], sep=n)[-1])
+    best, best_score = [], first[eop]
+    for t in range(8, TOK.vocab_size):
+        row = G.recompute_logits(model, [*context, sop, t], [*range(n), m, m], [0] * n + [1, 2], sep=n)[-1]
+        score = first[t] + _log_softmax(row)[eop]
+        if score > best_score:
+            best, best_score = [t], score
+    r = G.fill(model, TOK, text, G.Sampling(greedy=True, max_new_tokens=2, beams=TOK.vocab_size), n_top=0)
+    assert r.fill_ids[0] == best
+
+
+def test_after_a_beam_fill_the_cache_holds_the_winner():
+    model = small_model(seed=3)
+    s = G.Sampling(greedy=True, max_new_tokens=5, beams=3)
+    r = G.fill(model, TOK, "to be [MASK] not to [MASK] that", s, n_top=0)
+    assert len(r.fill_ids) == 2
+    # the second blank, searched again from a cache that holds the context and the first winner, gives the same
+    context, (m1, m2), _ = G.build_context(TOK, "to be [MASK] not to [MASK] that")
+    dec = G.make_decoder(model, len(context) + 12)
+    dec.prefill(context)
+    fed = [TOK.sop_id, *r.fill_ids[0]] if r.stop_reasons[0] != "max_new_tokens" else [TOK.sop_id, *r.fill_ids[0][:-1]]
+    dec.feed(fed, [m1] * len(fed), list(range(1, len(fed) + 1)))
+    assert G.beam_search(dec, TOK, m2, s)[0] == r.fill_ids[1]
+    # and the fed tokens FillResult lists are what the cache saw (a replay can recompute them)
+    assert len(r.tokens) == len(r.position_ids) == len(r.block_position_ids)
+
+
+def test_beams_need_greedy_and_a_positive_count():
+    with pytest.raises(ValueError, match="greedy"):
+        G.Sampling(beams=2)
+    with pytest.raises(ValueError, match="beams"):
+        G.Sampling(greedy=True, beams=0)

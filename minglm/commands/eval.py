@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spans", type=int, default=N_SPAN, help="blanks of 2-4 words")
     ap.add_argument("--seed", type=int, default=FILL_SEED, help="seed of the blank set")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="at most this many tokens per fill")
+    ap.add_argument("--beams", type=int, default=1,
+                    help="above 1: also score the model decoded by a beam search of this width (fill's default: 4)")
     ap.add_argument("--json", default=None, help="also write the report as JSON to this file")
     ap.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     args = ap.parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_run(args.run, device=args.device)
         corpus = run_corpus(run_dir)
         report = evaluate_fill(model, tokenizer, corpus.train, corpus.val, n_word=args.words, n_span=args.spans,
-                               seed=args.seed, max_new=args.max_new_tokens)
+                               seed=args.seed, max_new=args.max_new_tokens, beams=args.beams)
         if args.json:
             write_json_atomic(Path(args.json), report.to_dict())
     except (ValueError, RuntimeError, OSError) as e:
