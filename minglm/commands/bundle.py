@@ -1,8 +1,9 @@
 """``python -m minglm bundle RUN``: make a finished run the bundled course model (minglm/course_model/).
 
-It scores the run on the fill benchmark, then writes a weights-only copy of its newest checkpoint, its config and
-tokenizer, and MANIFEST.json (the training command, the git commit, the SHA-256 of every file, the fill table):
-see minglm/course.py. Afterwards ``python -m minglm fill course "..."`` and ``eval fill course`` use it.
+It scores the run on the fill benchmark (greedy, and with fill's default beam search), then writes a weights-only
+copy of its newest checkpoint, its config and tokenizer, and MANIFEST.json (the training command, the git commit,
+the SHA-256 of every file, the fill table): see minglm/course.py. Afterwards ``python -m minglm fill course "..."``
+and ``eval fill course`` use it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from minglm.checkpoint import CheckpointError
 from minglm.commands.eval import run_corpus
+from minglm.commands.fill import DEFAULT_BEAMS
 from minglm.course import COURSE_DIR, make_bundle
 from minglm.fill_eval import evaluate_fill, format_report
 from minglm.runs import load_run, resolve_run
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command or f"python -m minglm train --config {preset or 'FILE.json'}"
         model, tokenizer = load_run(run_dir)
         corpus = run_corpus(run_dir)
-        report = evaluate_fill(model, tokenizer, corpus.train, corpus.val)
+        report = evaluate_fill(model, tokenizer, corpus.train, corpus.val, beams=DEFAULT_BEAMS)
         manifest = make_bundle(run_dir, Path(args.out), command, report.to_dict(), commit=args.git_commit)
     except (FileNotFoundError, ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -115,5 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         print(format_steps(result, tokenizer))
     n_new = sum(len(f) for f in result.fill_ids)
     print(f"\n[{len(result.fills)} blank(s), {n_new} tokens, stops: {', '.join(result.stop_reasons)}, "
-          f"{'sampled' if sample else 'greedy'}, {dt * 1000:.0f} ms]", file=sys.stderr)
+          f"{'sampled' if sample else 'greedy' if beams == 1 else f'{beams} beams'}, {dt * 1000:.0f} ms]",
+          file=sys.stderr)
     return 0
