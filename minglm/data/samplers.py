@@ -137,7 +137,19 @@ class TokenSpanSampler:
         tokens = np.asarray(tokens)
         total = int(self.ratio * len(tokens))  # len counts [CLS] and <eos>
         self.stats["samples"] += 1
-        return self._spans(tokens, total, rng)
+        return self._shrinking(tokens, total, rng)
+
+    def _shrinking(self, tokens: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+        """``_spans``, and when even packing fails (a short window cut by documents' ends cannot hold the ratio),
+        one masked token fewer at a time, counted in ``stats["shrunk"]``: a run never dies on an unlucky window."""
+        while True:
+            try:
+                return self._spans(tokens, total, rng)
+            except ValueError:
+                if total <= 1:
+                    raise
+                total -= 1
+                self.stats["shrunk"] = self.stats.get("shrunk", 0) + 1
 
     def _spans(self, tokens: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
         for attempt in range(self.max_tries + 1):
@@ -194,18 +206,7 @@ class WordSpanSampler(TokenSpanSampler):
         starts = np.ones(len(tokens), dtype=bool)
         starts[1:] = ~(self.first_letter[tokens[1:]] & self.joins_word[tokens[:-1]])
         offsets = np.flatnonzero(starts)  # (U,) the first token of each unit
-        units = tokens[offsets]  # specials are units of their own: documents survive
-        total = int(self.ratio * len(units))
-        self.stats["samples"] += 1
-        while True:  # a short window cut by a document's end may not hold the ratio's units: blank fewer of them
-            try:
-                unit_spans = self._spans(units, total, rng)
-                break
-            except ValueError:
-                if total <= 1:
-                    raise
-                total -= 1
-                self.stats["shrunk"] = self.stats.get("shrunk", 0) + 1
+        unit_spans = super().__call__(tokens[offsets], rng)  # specials are units of their own: documents survive
         if not len(unit_spans):
             return unit_spans
         # a word unit holds a letter: a first token with one, or more than one token (letters joined on)
