@@ -66,8 +66,9 @@ print("verbalisers as tokens:", scorer.answers)
 # %% [markdown]
 # ## 2. Scoring a multi-token answer
 #
-# With the character tokenizer, "comedy" is six tokens (the line above shows what this model's tokenizer makes of
-# the three words). Each candidate gets its own row, exactly like a pretraining sample:
+# With a character tokenizer, "comedy" is six tokens; the course model's whole-word vocabulary holds it as one (the
+# line above shows what this model's tokenizer makes of the three words). Either way the scoring is the same. Each
+# candidate gets its own row, exactly like a pretraining sample:
 # Part A is `[CLS] pattern <eos>` (bidirectional, `sep` = its length), Part B is `<sop>` + the answer at the blank's
 # position with block ids 1, 2, ..., and the targets are the answer followed by `<eop>`. The score of a candidate is
 # the sum of its targets' log-probabilities, `<eop>` included (so the model must also agree the word *ends* there):
@@ -161,12 +162,12 @@ plt.show()
 
 # %% [markdown]
 # What to take from this: LoRA and prefix tuning train a small share of the numbers full fine-tuning does, and
-# store only those (a few KB beside a model of MB: `save_lora`, `save_prefix`). The fast model is far too small and
-# too briefly pretrained for the genre of 40 characters: its accuracies sit near the majority class, and the
-# method is the lesson, not the score. On the tiny preset's five-minute run, `python -m minglm finetune` (1,500
-# passages of 100 characters, 300 steps) measured 33 % zero-shot, 43 % full fine-tuning, 41 % LoRA and 40 %
-# prefix tuning (the README's
-# table): a small model that only ever filled blanks does learn the task, a little.
+# store only those (a few KB beside a model of MB: `save_lora`, `save_prefix`). In fast mode the fine-tuning runs
+# are far too short for the genre of 40 characters, and without the installed course model the fast pretrained
+# model is too small as well: the accuracies sit near the majority class, and the method is the lesson, not the
+# score. `python -m minglm finetune` (1,500 passages of 100 characters, 300 steps; the README's table) measured
+# on the tiny preset's five-minute run 33 % zero-shot, 43 % full fine-tuning, 41 % LoRA and 40 % prefix tuning:
+# a small model that only ever filled blanks does learn the task, a little.
 #
 # ## Summary
 #
@@ -191,7 +192,7 @@ def cloze_score(logp, length_penalty):
 exercises.check_cloze_score(cloze_score)
 
 # %% [markdown]
-# **2.** (Think.) With the character tokenizer, "comedy", "tragedy" and "history" have 6, 7 and 7 tokens. Without
+# **2.** (Think.) With a character tokenizer, "comedy", "tragedy" and "history" have 6, 7 and 7 tokens. Without
 # a length penalty, which candidate does the sum of log-probabilities favour before any training, and why? What
 # does dividing by $(k+1)$ change?
 #
