@@ -34,7 +34,13 @@ import numpy as np
 
 from minglm.backend import cpu_name
 from minglm.config import TrainConfig
+from minglm.data.corpus import encode_corpus, load_corpus
+from minglm.data.loader import BlockLoader, iter_eval_batches
+from minglm.fill_eval import NgramFiller, build_blank_set, model_fills, score
 from minglm.model import GLM, GLMConfig
+from minglm.optim import AdamW, CosineSchedule
+from minglm.tokenizer import CharTokenizer
+from minglm.train import Trainer
 
 GLM130B_SWITCHES = dict(position="rope1d", gmask_positions="continue", norm="deepnorm", ffn="geglu",
                         embedding_grad_scale=0.1, softmax_scaling=True)  # the glm-130b preset's switches
@@ -115,10 +121,6 @@ class Data:
 
 
 def prepare_data(cfg: AblationConfig) -> Data:
-    from minglm.data.corpus import encode_corpus, load_corpus
-    from minglm.data.loader import iter_eval_batches
-    from minglm.fill_eval import NgramFiller, build_blank_set, score
-    from minglm.tokenizer import CharTokenizer
 
     corpus = load_corpus(cfg.corpus, val_fraction=TrainConfig.val_fraction, seed=0)
     tokenizer = CharTokenizer.from_texts(corpus.docs)
@@ -148,10 +150,6 @@ def grad_spike(norms, window: int = SPIKE_WINDOW) -> float:
 
 def train_one(setting: Setting, seed: int, cfg: AblationConfig, data: Data) -> dict:
     """Train one setting at one seed; returns its record (the columns plus a few details)."""
-    from minglm.data.loader import BlockLoader
-    from minglm.fill_eval import model_fills, score
-    from minglm.optim import AdamW, CosineSchedule
-    from minglm.train import Trainer
 
     lr = cfg.high_lr if setting.unstable else cfg.lr
     tcfg = TrainConfig(steps=cfg.steps, lr=lr, warmup=cfg.warmup, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
