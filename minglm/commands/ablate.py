@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import viz.ablation  # the app layer is the one that draws
 from minglm import ablate
 
 
@@ -57,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     table = ablate.format_table(result)
     (out / "ablation.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "ablation.md").write_text(table + "\n")
-    import viz.ablation  # the app layer is the one that draws
-
     viz.ablation.plot_ablation(result).savefig(out / "ablation.png", dpi=120)
     print()
     print(table)
