@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jupytext
 import nbclient
+import nbclient.exceptions
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,12 +187,7 @@ def test_lesson_executes(source, monkeypatch, runs_dir):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    nb = jupytext.read(source)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(LESSONS)}})
-    start = time.perf_counter()
-    client.execute()
-    seconds = time.perf_counter() - start
+    nb, seconds = _execute(source)
     TIMES[source.stem] = seconds
     print(f"{source.name}: {seconds:.1f} s")
 
@@ -213,6 +209,28 @@ def test_lesson_executes(source, monkeypatch, runs_dir):
         f"{source.name}: a cell echoes a value under its output: {[r['data']['text/plain'] for r in results][:3]}")
     _check_claims(source.stem, text)
     assert seconds < 120, f"{source.name} took {seconds:.0f} s in fast mode; keep each lesson well under a minute"
+
+
+CELL_TIMEOUT = 180  # seconds a cell may run: every fast-mode lesson takes well under a minute in all
+
+
+def _execute(source: Path):
+    """(executed notebook, seconds). A kernel that stops answering (nbclient waits on an idle kernel: seen now and
+    then, on the first lesson of a fresh process, in a clean virtual environment) is restarted once with a fresh
+    kernel; the time reported is the run that finished, so the budget test still measures the lesson."""
+    for attempt in (1, 2):
+        nb = jupytext.read(source)
+        client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                         resources={"metadata": {"path": str(LESSONS)}})
+        start = time.perf_counter()
+        try:
+            client.execute()
+        except (nbclient.exceptions.CellTimeoutError, nbclient.exceptions.DeadKernelError, RuntimeError):
+            if attempt == 2:
+                raise
+            print(f"{source.name}: the kernel stopped answering; running the lesson again with a fresh kernel")
+            continue
+        return nb, time.perf_counter() - start
 
 
 def nb_source_checks(nb) -> int:
