@@ -200,6 +200,17 @@ def _apply_merge(seq: np.ndarray, idx: np.ndarray, new_id: int, *extra: np.ndarr
     return (seq[keep],) + tuple(e[keep] for e in extra)
 
 
+def merge_pair(ids, pair: tuple[int, int], new_id: int) -> list[int]:
+    """``ids`` with every left-to-right, non-overlapping occurrence of ``pair`` replaced by ``new_id``: one BPE merge,
+    as training and encoding apply it (``viz.tokens`` replays a word's merges with it)."""
+    seq = np.asarray(ids, dtype=np.int64)
+    if len(seq) < 2:
+        return seq.tolist()
+    base = int(max(seq.max(), *pair)) + 1
+    idx = _merge_positions(_pair_codes(seq, base), pair[0] * base + pair[1], pair[0] == pair[1])
+    return _apply_merge(seq.copy(), idx, new_id)[0].tolist()
+
+
 class BPETokenizer(_SpecialIds):
     """Byte-level BPE: 8 specials, 256 byte tokens (ids 8..263), then one id per learned merge.
 

@@ -138,3 +138,11 @@ def test_bpe_training_speed_1mb():
     bpe = BPETokenizer.train(text, vocab_size=1000, min_frequency=1)
     assert time.process_time() - t < 6.0  # CPU seconds; target 3 s on one core, slack for a slow CI machine
     assert bpe.decode(bpe.encode(text[:20000])) == text[:20000]
+
+
+def test_merge_pair_is_one_bpe_merge_left_to_right():
+    from minglm.tokenizer import merge_pair
+
+    assert merge_pair([1, 2, 1, 2, 3], (1, 2), 9) == [9, 9, 3]
+    assert merge_pair([5, 5, 5], (5, 5), 7) == [7, 5]  # non-overlapping, from the left
+    assert merge_pair([4], (4, 4), 1) == [4]

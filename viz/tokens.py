@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from matplotlib.patches import FancyBboxPatch
 
-from minglm.tokenizer import N_SPECIAL
+from minglm.tokenizer import N_SPECIAL, merge_pair
 from viz.style import OKABE_ITO, PART_A_COLOR, new_figure, text_color_on
 
 _NEW = OKABE_ITO["orange"]  # the piece a row's merge just made
@@ -25,25 +25,13 @@ def _piece(tokenizer, i: int) -> str:
     return text.replace(" ", "␣").replace("\n", "↵")
 
 
-def _merge_all(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    out, k = [], 0
-    while k < len(ids):
-        if k + 1 < len(ids) and (ids[k], ids[k + 1]) == pair:
-            out.append(new_id)
-            k += 2
-        else:
-            out.append(ids[k])
-            k += 1
-    return out
-
-
 def bpe_steps(tokenizer, word: str) -> list[tuple[int | None, list[int]]]:
     """[(merge rank or None for the bytes, ids after it)] for every merge that changes ``word``."""
     ids = [b + N_SPECIAL for b in word.encode("utf-8")]
     steps = [(None, ids)]
     first_id = N_SPECIAL + 256
     for rank, (a, b) in enumerate(tokenizer.merges):
-        merged = _merge_all(ids, (a, b), first_id + rank)
+        merged = merge_pair(ids, (a, b), first_id + rank)
         if merged != ids:
             ids = merged
             steps.append((rank, ids))
