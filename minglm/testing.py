@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minglm import generate as G
 from minglm.backend import get_xp, to_numpy
 from minglm.tensor import Tensor, no_grad
 
@@ -97,3 +98,20 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-6, rtol: float = 
                     f"analytic {a:.10g} vs numeric {numeric:.10g} (|diff| {abs(a - numeric):.3g})"
                 )
     return True
+
+
+def cached_and_recomputed(model, tokenizer, text: str, sampling, rng=None, kind: str = "fast"):
+    """(FillResult, step logits (n, V), recomputed logits (n, V)) of ``fill`` on ``text``: every logit row the cached
+    decoder ``kind`` produced, beside the same rows from one full forward over everything it was fed
+    (``generate.recompute_logits``). The two must agree for any model a decoder claims to support."""
+    logits = []
+
+    def factory(m, capacity):
+        dec = G.make_decoder(m, capacity, kind)
+        step = dec.step
+        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
+        return dec
+
+    r = G.fill(model, tokenizer, text, sampling, rng, decoder=factory)
+    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
+    return r, np.stack(logits), ref[r.context_len:]

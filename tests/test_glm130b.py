@@ -16,6 +16,7 @@ import pytest
 
 import minglm.functional as F
 from minglm.tensor import Tensor
+from minglm.testing import cached_and_recomputed
 
 # --- the ops ------------------------------------------------------------------------------------------------------
 
@@ -366,19 +367,10 @@ def test_fill_decoders_equal_recompute_for_every_switch(case, kind):
     tok = CharTokenizer.from_texts(["abcdefghijklmnopqrstuvwxyz .,!"])
     cfg = GLMConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_len=64, **SWITCH_CASES[case])
     model = perturbed(cfg, dtype=np.float32)
-    logits = []
-
-    def factory(m, capacity):
-        dec = G.make_decoder(m, capacity, kind)
-        step = dec.step
-        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
-        return dec
-
-    r = G.fill(model, tok, "to be [MASK] not [sMASK] that", G.Sampling(max_new_tokens=5), np.random.default_rng(3),
-               decoder=factory)
-    assert len(logits) >= 4
-    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
-    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+    _, got, ref = cached_and_recomputed(model, tok, "to be [MASK] not [sMASK] that", G.Sampling(max_new_tokens=5),
+                                        np.random.default_rng(3), kind)
+    assert len(got) >= 4
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
 def test_gmask_fill_counts_on_under_rope1d_and_a_mask_fill_stays():
@@ -415,18 +407,9 @@ def test_gmask_fill_with_continued_positions_equals_recompute(kind):
     cfg = GLMConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_len=64, position="rope1d",
                     gmask_positions="continue")
     model = perturbed(cfg, dtype=np.float32)
-    logits = []
-
-    def factory(m, capacity):
-        dec = G.make_decoder(m, capacity, kind)
-        step = dec.step
-        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
-        return dec
-
-    r = G.fill(model, tok, "to be or not [MASK] be, [gMASK]", G.Sampling(max_new_tokens=4),
-               np.random.default_rng(3), decoder=factory)
-    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
-    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+    _, got, ref = cached_and_recomputed(model, tok, "to be or not [MASK] be, [gMASK]", G.Sampling(max_new_tokens=4),
+                                        np.random.default_rng(3), kind)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
 # --- presets and bad input ----------------------------------------------------------------------------------------

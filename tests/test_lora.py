@@ -11,6 +11,7 @@ from minglm import generate as G
 from minglm import lora
 from minglm.model import GLM, GLMConfig
 from minglm.tensor import no_grad
+from minglm.testing import cached_and_recomputed
 from minglm.tokenizer import CharTokenizer
 
 TOK = CharTokenizer.from_texts(["abcdefghijklmnopqrstuvwxyz .,!?\n"])
@@ -122,17 +123,9 @@ def test_generation_with_adapters_matches_recompute(kind):
     model, _ = model_and_input(4)
     lora.apply_lora(model, rank=2, alpha=4.0, rng=np.random.default_rng(0))
     randomize_b(model)
-    logits = []
-
-    def factory(m, cap):
-        dec = G.make_decoder(m, cap, kind)
-        step = dec.step
-        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
-        return dec
-
-    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_new_tokens=4), decoder=factory)
-    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
-    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], atol=1e-5, rtol=0)
+    r, got, ref = cached_and_recomputed(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_new_tokens=4),
+                                        kind=kind)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     lora.remove_lora(model, merge=True)  # the adapters folded into plain Linear layers: the same fills
     assert G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(greedy=True, max_new_tokens=4)).fill_ids == r.fill_ids
 

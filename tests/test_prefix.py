@@ -10,6 +10,7 @@ from minglm import finetune as FT
 from minglm import prefix
 from minglm.model import GLM, GLMConfig, KVCache
 from minglm.tensor import no_grad
+from minglm.testing import cached_and_recomputed
 from minglm.tokenizer import CharTokenizer
 
 TOK = CharTokenizer.from_texts(["abcdefghijklmnopqrstuvwxyz .,!?\n"])
@@ -132,18 +133,9 @@ def test_fill_with_a_prefix_matches_recompute(kind):
     prefix.apply_prefix(model, length=4, rng=np.random.default_rng(0))
     for m in prefix.prefix_layers(model).values():
         m.prefix_value.data += np.float32(0.3)
-    logits = []
-
-    def factory(m, capacity):
-        dec = G.make_decoder(m, capacity, kind)
-        step = dec.step
-        dec.step = lambda *a: logits.append(step(*a)) or logits[-1]
-        return dec
-
-    r = G.fill(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(max_new_tokens=4), np.random.default_rng(1),
-               decoder=factory)
-    ref = G.recompute_logits(model, r.tokens, r.position_ids, r.block_position_ids, sep=r.context_len)
-    np.testing.assert_allclose(np.stack(logits), ref[r.context_len:], rtol=0, atol=2e-5)
+    _, got, ref = cached_and_recomputed(model, TOK, "ab [MASK] cd [MASK]", G.Sampling(max_new_tokens=4),
+                                        np.random.default_rng(1), kind)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
 
 
 def test_save_load_and_remove(tmp_path):
