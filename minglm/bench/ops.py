@@ -1,6 +1,6 @@
 """What minglm's autograd costs per op: forward + backward through minglm next to the same maths in plain NumPy.
 
-`python -m minglm bench ops [--repeats 15] [--ops linear,attention] [--dtype float32] [--no-check]`
+`python -m minglm bench ops [--repeats 41] [--ops linear,attention] [--dtype float32] [--no-check]`
 
 For each core op at the size it has in the small GLM (B·T = 2048 rows, C = 256, V = 256 and up; attention at B 8,
 H 8, T 256, D 32 with GLM's ``sep`` mask) this times one forward + backward through minglm (build the graph, then
@@ -277,7 +277,9 @@ def measure(case: Case, repeats: int, warmup: int = 2) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minglm bench ops", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=15, help="timed repeats per op (the median is reported)")
+    p.add_argument("--repeats", type=int, default=41,
+                   help="timed repeats per op (the median is reported; 15 let the 2-ms ops swing by 1.3x on an idle "
+                        "2-core machine, even a bare matmul against itself)")
     p.add_argument("--ops", default="all", help=f"comma-separated subset of: {', '.join(CASES)}")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
