@@ -48,8 +48,23 @@ def test_scores_known_values():
     assert fe.char_f1("", "") == 1.0 and fe.char_f1("", "a") == 0.0
     blanks = [fe.Blank("[MASK] x", "to", "word", 1, fe.BOS, "x"), fe.Blank("a [MASK]", "to be", "span", 2, "a", fe.EOS)]
     s = fe.score(["to", "to"], blanks)
-    assert s["word"] == {"n": 1, "exact": 1.0, "f1": 1.0}
+    assert s["word"] == {"n": 1, "exact": 1.0, "exact_se": 0.0, "f1": 1.0}
     assert s["span"]["exact"] == 0.0 and s["all"]["exact"] == 0.5
+    assert s["all"]["exact_se"] == pytest.approx(0.5 / 2 ** 0.5)  # sqrt(0.5 * 0.5 / 2)
+
+
+def test_paired_counts_and_standard_error():
+    # 5 word blanks (truth "a".."e") and one span blank, which the word comparison leaves out
+    blanks = [fe.Blank("[MASK]", t, "word", 1, fe.BOS, fe.EOS) for t in "abcde"]
+    blanks.append(fe.Blank("[MASK]", "x y", "span", 2, fe.BOS, fe.EOS))
+    model = ["a", "b", "c", "-", "-", "x y"]  # right on a, b, c
+    ngram = ["a", "-", "-", "d", "-", "-"]  # right on a, d
+    v = fe.paired(model, ngram, blanks)
+    assert (v["n"], v["both"], v["first_only"], v["second_only"]) == (5, 1, 2, 1)
+    assert v["diff"] == pytest.approx(1 / 5)
+    # per-blank differences (0, 1, 1, -1, 0): the standard error of their sum over n, sqrt(b + c - (b - c)^2/n) / n
+    d = np.array([0, 1, 1, -1, 0])
+    assert v["diff_se"] == pytest.approx(np.sqrt(((d - d.mean()) ** 2).sum()) / 5)
 
 
 def test_ngram_baseline_uses_both_sides_then_backs_off():
