@@ -17,7 +17,7 @@
 #
 # minglm has three tokenizers in `minglm/tokenizer.py`, all with the same eight special ids first:
 #
-# - **characters** (`CharTokenizer`, the course default): one id per character of the corpus;
+# - **characters** (`CharTokenizer`, what the lessons' own quick runs use): one id per character of the corpus;
 # - **byte-level BPE** (`BPETokenizer`): the 256 bytes, then merges learned from the corpus, as GPT-2 does;
 # - **words** (`WordTokenizer`): whole words, with bytes for the rest.
 #
@@ -172,9 +172,11 @@ for size, r in zip(sizes, per_char):
     print(f"BPE {size:>5} ids: {r:.3f} tokens per character, {1 / r:.2f} characters per token")
 
 # %% [markdown]
-# The course trains on characters because a tiny model learns a 90-id vocabulary in minutes, and any stretch of
-# text can be blanked. The README's experiments train BPE and word models too (`--set tokenizer=bpe`): a blank then
-# covers whole pieces, which matters for filling a blank with a real word.
+# The lessons' own quick runs train on characters (`--config tiny`) because a tiny model learns a 90-id vocabulary
+# in a minute, and any stretch of text can be blanked. A character model's fills, though, are spelled a letter at a
+# time and come out as `the`, `there`, `the the`. So `python -m minglm train` with no arguments and the bundled
+# course model that lessons 7 and 10 load use **whole words** (`WordTokenizer`, 4,096 ids): a blank over a common
+# word is one token and `<eop>`, and the model chooses a word instead of spelling one (the README, "What was tried").
 #
 # ## Summary
 #
