@@ -91,7 +91,11 @@ def test_evaluate_fill_ranks_the_model_and_is_deterministic():
     assert wrong.rank == 3 or wrong.scores["most frequent"]["word"]["exact"] == 0.0
     assert wrong.scores["n-gram"] == perfect.scores["n-gram"]
     table = fe.format_report(perfect)
-    assert "| model | 100.0 %" in table and "seed 1" in table and "rank on word blanks: 1 of 3" in table
+    assert "| model | 100.0 % ± 0.0" in table and "seed 1" in table and "rank on word blanks: 1 of 3" in table
+    # the perfect model against the n-gram, blank by blank: it is right wherever the n-gram is
+    v = perfect.vs_ngram
+    assert v["n"] == 4 and v["second_only"] == 0 and v["both"] + v["first_only"] == 4
+    assert f"model - n-gram on the same 4 one-word blanks: {100 * v['diff']:+.1f} ±" in table
 
 
 def test_model_fills_through_generate(tiny_run_model):
