@@ -47,6 +47,8 @@ class TrainConfig:
     window_start: str = "any"  # any | sentence: where a training window may start. "sentence" is what the official
     # BlockDataset does (each cut moved to a sentence start), so [CLS] is followed by a line's first word as in
     # a text given to fill; "any" tiles the stream without overlap (minglm.data.loader.make_windows)
+    line_windows: float = 0.0  # share of the training windows cut to their first line or lines and closed with
+    # <eos> (minglm.data.loader.cut_to_lines), so the model also sees the short [CLS] text <eos> that fill is given
     tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
     # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
     bpe_vocab: int = 4096  # ids of the bpe or word tokenizer, specials and the 256 bytes included
@@ -119,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
         if not self.span_lambda > 0 or self.span_lambda == float("inf"):
             raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
+        if not 0.0 <= self.line_windows <= 1.0:
+            raise ValueError(f"TrainConfig.line_windows must be in [0, 1], got {self.line_windows!r}")
         if self.window_start not in ("any", "sentence"):
             raise ValueError(f"TrainConfig.window_start must be any or sentence, got {self.window_start!r}")
         if self.span_unit not in ("token", "word", "known_word"):

@@ -15,6 +15,7 @@ from minglm.data import (
     make_objective,
     make_windows,
 )
+from minglm.data.loader import MIN_LINE_WINDOW, cut_to_lines
 from minglm.data.samplers import sentence_end_table
 from minglm.tokenizer import CLS_ID, EOS_ID, MASK_ID, N_SPECIAL, SMASK_ID, BPETokenizer, CharTokenizer
 
@@ -129,6 +130,49 @@ def test_same_seed_same_batches_and_exact_resume():
     c = BlockLoader(docs, tok, seq_len=50, batch_size=3)
     with pytest.raises(ValueError, match="windows"):
         c.load_state_dict(state)
+
+
+def test_cut_to_lines_keeps_whole_lines_and_closes_them():
+    tok, _ = make_docs()
+    nl = sentence_end_table(tok, "\n")
+    ids = tok.encode_array("ab\ncdefgh\nij kl\nmn")  # breaks at 2, 9, 15 of the text
+    window = np.concatenate([[CLS_ID], ids])  # ... so at 3, 10 and 16 of the window
+    seen = set()
+    for seed in range(40):
+        cut = cut_to_lines(window, nl, np.random.default_rng(seed))
+        assert cut[-1] == EOS_ID and len(cut) - 1 in (10, 16)  # a break at >= MIN_LINE_WINDOW, never the one at 3
+        np.testing.assert_array_equal(cut[:-1], window[: len(cut) - 1])  # the lines before it, unchanged
+        seen.add(len(cut) - 1)
+    assert seen == {10, 16} and MIN_LINE_WINDOW == 6
+    no_break = np.concatenate([[CLS_ID], tok.encode_array("abcdefghij")])
+    np.testing.assert_array_equal(cut_to_lines(no_break, nl, np.random.default_rng(0)), no_break)
+
+
+def test_line_windows_cut_a_share_of_the_batch_and_resume_exactly():
+    tok, _ = make_docs()
+    rng = np.random.default_rng(0)  # documents of short lines: every window holds line breaks past its start
+    docs = [tok.encode_array("\n".join("".join(rng.choice(list("abcdefgh ,."), size=int(rng.integers(8, 20))))
+                                       for _ in range(30))) for _ in range(6)]
+    whole = BlockLoader(docs, tok, seq_len=64, batch_size=8)
+    b0 = whole.next_batch(np.random.default_rng(3))
+    cut = BlockLoader(docs, tok, seq_len=64, batch_size=8, line_windows=1.0)
+    b1 = cut.next_batch(np.random.default_rng(3))
+    for r in range(8):  # each Part A ends with <eos> after whole lines
+        assert b1.tokens[r, b1.sep[r] - 1] == EOS_ID
+    assert b1.lengths.mean() < b0.lengths.mean() - 10  # the lines are much shorter than the windows
+    a = BlockLoader(docs, tok, seq_len=64, batch_size=8, line_windows=0.5)
+    rng = np.random.default_rng(5)
+    a.next_batch(rng)
+    state, rng_state = a.state_dict(), rng.bit_generator.state
+    expected = [a.next_batch(rng) for _ in range(3)]
+    b = BlockLoader(docs, tok, seq_len=64, batch_size=8, line_windows=0.5)
+    b.load_state_dict(state)
+    rng_b = np.random.default_rng()
+    rng_b.bit_generator.state = rng_state
+    for e in expected:
+        assert_batches_equal(e, b.next_batch(rng_b))
+    with pytest.raises(ValueError, match="line_windows"):
+        BlockLoader(docs, tok, seq_len=64, batch_size=8, line_windows=1.5)
 
 
 def test_eval_batches_are_deterministic():

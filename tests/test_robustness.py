@@ -336,6 +336,8 @@ def test_non_finite_settings_name_the_field(corpus, tmp_path, capsys):
     for pair in ("lr=inf", "clip=nan", "time_limit=nan"):
         assert train(corpus, tmp_path, "nf", 4, "--set", pair) == 2
         one_line(capsys, f"TrainConfig.{pair.split('=')[0]} must be a finite number")
+    assert train(corpus, tmp_path, "nf", 4, "--set", "line_windows=1.5") == 2
+    one_line(capsys, "TrainConfig.line_windows must be in [0, 1]")
     assert not (tmp_path / "nf").exists()
 
 

@@ -266,8 +266,8 @@ def make_tokenizer(cfg: TrainConfig, corpus):
 
 def _objective_overrides(cfg: TrainConfig) -> dict:
     """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
-    only; window_start: every objective)."""
-    windows = {"window_start": cfg.window_start}
+    only; window_start and line_windows: every objective)."""
+    windows = {"window_start": cfg.window_start, "line_windows": cfg.line_windows}
     if cfg.objective in GLM_PRESETS:
         return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
     if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:

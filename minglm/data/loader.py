@@ -91,19 +91,46 @@ def _windows(docs_ids, tokenizer, seq_len: int, window_start: str) -> np.ndarray
                         is_end)
 
 
+MIN_LINE_WINDOW = 6  # a window cut to its first lines keeps at least [CLS] and five tokens
+
+
+def cut_to_lines(window: np.ndarray, is_newline: np.ndarray, rng: np.random.Generator,
+                 eos_id: int = EOS_ID) -> np.ndarray:
+    """The window's first line or lines, then ``<eos>``: ``window[:p] + [<eos>]`` for a line break p drawn uniformly
+    among those at index >= MIN_LINE_WINDOW (the break itself dropped), or the window unchanged when it has none.
+
+    What ``fill`` is given is one line or a few, framed as ``[CLS] text <eos>`` (minglm/generate.py,
+    ``build_context``); full windows of 32 tokens never show a model a Part A that short. A model trained only on
+    them answered a one-line blank with the first byte of a spelled rare word (``The very [MASK] of this fair
+    company``: 0.85 on the space byte, which no training span ever began with), while the same blank with two lines
+    of the play around it got 0.000 (README, "What was tried", round 4).
+    """
+    breaks = np.flatnonzero(is_newline[window[MIN_LINE_WINDOW:]]) + MIN_LINE_WINDOW
+    if not len(breaks):
+        return window
+    p = int(breaks[rng.integers(len(breaks))])
+    return np.append(window[:p], eos_id)
+
+
 class BlockLoader:
     """Serves batches of framed windows under one objective (a preset, a baseline name, or an objective object).
 
     next_batch(rng) takes the next `batch_size` windows of the current epoch's order (wrapping into the next epoch,
     whose order is drawn from rng when it starts) and builds a Batch. Same seed and state => same batches.
+    ``line_windows``: the share of windows cut to their first line or lines and closed with ``<eos>``
+    (``cut_to_lines``), drawn per window from the same rng; 0 serves the windows whole.
     """
 
     def __init__(self, docs_ids: list[np.ndarray], tokenizer, seq_len: int, batch_size: int,
                  objective="glm-base", pad_to: int | None = None, window_start: str = "any",
-                 **objective_overrides):
+                 line_windows: float = 0.0, **objective_overrides):
         if batch_size < 1:
             raise ValueError(f"BlockLoader: batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= line_windows <= 1.0:
+            raise ValueError(f"BlockLoader: line_windows must be in [0, 1], got {line_windows}")
         self.tokenizer, self.seq_len, self.batch_size, self.pad_to = tokenizer, seq_len, batch_size, pad_to
+        self.line_windows = float(line_windows)
+        self.is_newline = sentence_end_table(tokenizer, "\n") if line_windows > 0 else None
         self.windows = _windows(docs_ids, tokenizer, seq_len, window_start)
         self.objective = (make_objective(objective, tokenizer, **objective_overrides) if isinstance(objective, str)
                           else objective)
@@ -136,6 +163,10 @@ class BlockLoader:
     def next_batch(self, rng: np.random.Generator, mode: str | None = None) -> Batch:
         idx = self._next_indices(rng)
         windows = [self.windows[i] for i in idx]
+        if self.line_windows > 0:
+            cut = rng.random(len(windows)) < self.line_windows
+            windows = [cut_to_lines(w, self.is_newline, rng, self.tokenizer.eos_id) if c else w
+                       for w, c in zip(windows, cut)]
         if mode is not None:
             return self.objective.make_batch(windows, rng, mode=mode, pad_to=self.pad_to)
         return self.objective.make_batch(windows, rng, pad_to=self.pad_to)
@@ -154,11 +185,14 @@ class BlockLoader:
 
 def iter_eval_batches(docs_ids: list[np.ndarray], tokenizer, seq_len: int, batch_size: int, objective="glm-base",
                       seed: int = 1234, max_batches: int | None = None, mode: str | None = None,
-                      pad_to: int | None = None, window_start: str = "any", **objective_overrides):
+                      pad_to: int | None = None, window_start: str = "any", line_windows: float = 0.0,
+                      **objective_overrides):
     """Deterministic validation batches: windows in stream order, blanks drawn from a fixed seed.
 
     Every call with the same arguments yields the same batches, so validation losses are comparable across steps
     and runs. `mode` forces one GLM mode ("token", "sentence", "document") for per-objective validation losses.
+    ``line_windows`` is taken and ignored: validation windows are always whole, so losses stay comparable between
+    runs that cut their training windows differently.
     """
     windows = _windows(docs_ids, tokenizer, seq_len, window_start)
     obj = make_objective(objective, tokenizer, **objective_overrides) if isinstance(objective, str) else objective
