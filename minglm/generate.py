@@ -388,24 +388,21 @@ def fill(model, tokenizer, text: str, sampling: Sampling | None = None, rng: np.
                 tokens += fed
                 pos_ids += [m] * len(fed)
                 block_ids += list(range(1, len(fed) + 1))
-                fill_ids.append(out)
-                fills.append(tokenizer.decode(out))
-                reasons.append(reason)
-                continue
-            for c in range(s.max_new_tokens):
-                logits = dec.step(token, m, c + 1)  # (V,)
-                tokens.append(token)
-                pos_ids.append(m)
-                block_ids.append(c + 1)
-                nxt = choose_token(logits, s, rng, out)
-                if n_top:
-                    top = top_candidates(logits, n_top, 1.0 if s.greedy else s.temperature)
-                    steps.append(Step(b, token, m, c + 1, nxt, top))
-                if nxt in ends:
-                    reason = "eop" if nxt == tokenizer.eop_id else "eos"
-                    break
-                out.append(nxt)
-                token = nxt
+            else:
+                for c in range(s.max_new_tokens):
+                    logits = dec.step(token, m, c + 1)  # (V,)
+                    tokens.append(token)
+                    pos_ids.append(m)
+                    block_ids.append(c + 1)
+                    nxt = choose_token(logits, s, rng, out)
+                    if n_top:
+                        top = top_candidates(logits, n_top, 1.0 if s.greedy else s.temperature)
+                        steps.append(Step(b, token, m, c + 1, nxt, top))
+                    if nxt in ends:
+                        reason = "eop" if nxt == tokenizer.eop_id else "eos"
+                        break
+                    out.append(nxt)
+                    token = nxt
             fill_ids.append(out)
             fills.append(tokenizer.decode(out))
             reasons.append(reason)
