@@ -266,8 +266,9 @@ def make_tokenizer(cfg: TrainConfig, corpus):
 
 def _objective_overrides(cfg: TrainConfig) -> dict:
     """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
-    only; window_start and line_windows: every objective)."""
-    windows = {"window_start": cfg.window_start, "line_windows": cfg.line_windows}
+    only; window_start: every objective). ``line_windows`` is not among them: only the training loader cuts windows
+    to lines, while validation and the unigram baseline read whole windows, comparable between runs."""
+    windows = {"window_start": cfg.window_start}
     if cfg.objective in GLM_PRESETS:
         return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
     if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
@@ -456,7 +457,8 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
     optimizer = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     schedule = CosineSchedule(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     data_kw = _objective_overrides(cfg)
-    loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective, **data_kw)
+    loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
+                         line_windows=cfg.line_windows, **data_kw)
     val_batches = []
     for mode in _eval_modes(loader.objective):
         for b in iter_eval_batches(val_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective,

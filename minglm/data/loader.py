@@ -185,14 +185,11 @@ class BlockLoader:
 
 def iter_eval_batches(docs_ids: list[np.ndarray], tokenizer, seq_len: int, batch_size: int, objective="glm-base",
                       seed: int = 1234, max_batches: int | None = None, mode: str | None = None,
-                      pad_to: int | None = None, window_start: str = "any", line_windows: float = 0.0,
-                      **objective_overrides):
+                      pad_to: int | None = None, window_start: str = "any", **objective_overrides):
     """Deterministic validation batches: windows in stream order, blanks drawn from a fixed seed.
 
     Every call with the same arguments yields the same batches, so validation losses are comparable across steps
     and runs. `mode` forces one GLM mode ("token", "sentence", "document") for per-objective validation losses.
-    ``line_windows`` is taken and ignored: validation windows are always whole, so losses stay comparable between
-    runs that cut their training windows differently.
     """
     windows = _windows(docs_ids, tokenizer, seq_len, window_start)
     obj = make_objective(objective, tokenizer, **objective_overrides) if isinstance(objective, str) else objective
