@@ -141,7 +141,7 @@ class GLMConfig:
         "small": dict(n_layer=4, n_head=8, d_model=256, max_len=256, seq_len=256),
         "base": dict(n_layer=8, n_head=8, d_model=512, max_len=512, seq_len=512),
         # the bundled course model (minglm/course.py): small's width, three layers, on whole-word tokens (3.4 M
-        # parameters, 13.6 MB), and 1-D RoPE: with the learned tables, Part-B tokens never learned to read their
+        # parameters, 13.7 MB), and 1-D RoPE: with the learned tables, Part-B tokens never learned to read their
         # blank's neighbours
         "course": dict(n_layer=3, n_head=8, d_model=256, max_len=128, seq_len=32, dropout=0.1, position="rope1d"),
         # the default run (python -m minglm train): tiny's size with 1-D RoPE, for whole-word tokens and blanks
