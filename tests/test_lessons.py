@@ -167,6 +167,7 @@ def _check_claims(name: str, text: str) -> None:
 
 # Every lesson in fast mode, all together, on 2 cores (the course's budget; measured and printed by the test).
 TOTAL_BUDGET_S = 600.0
+LESSON_LIMIT_S = 120.0  # one lesson in fast mode; each takes 5-30 s on 2 cores
 TIMES: dict[str, float] = {}
 
 
@@ -208,16 +209,19 @@ def test_lesson_executes(source, monkeypatch, runs_dir):
     assert not [r for r in results if "text/plain" in r.get("data", {}) and "image/png" not in r["data"]], (
         f"{source.name}: a cell echoes a value under its output: {[r['data']['text/plain'] for r in results][:3]}")
     _check_claims(source.stem, text)
-    assert seconds < 120, f"{source.name} took {seconds:.0f} s in fast mode; keep each lesson well under a minute"
+    assert seconds < LESSON_LIMIT_S, (f"{source.name} took {seconds:.0f} s in fast mode; keep each lesson well under "
+                                      f"a minute")
 
 
 CELL_TIMEOUT = 180  # seconds a cell may run: every fast-mode lesson takes well under a minute in all
 
 
 def _execute(source: Path):
-    """(executed notebook, seconds). A kernel that stops answering (nbclient waits on an idle kernel: seen now and
-    then, on the first lesson of a fresh process, in a clean virtual environment) is restarted once with a fresh
-    kernel; the time reported is the run that finished, so the budget test still measures the lesson."""
+    """(executed notebook, seconds). A kernel that stops answering is restarted once with a fresh kernel, and the
+    time reported is the run that finished, so the budget tests still measure the lesson. nbclient sometimes waits
+    on an idle kernel: it raised (a dead kernel, a cell timeout) on lesson 3 in two CI runs, and in one run of eight
+    of lesson 3 alone it sat ~180 s (the cell timeout) and then went on without an error, so a first run over the
+    lesson's limit counts as a stall too: a lesson that is really slow is slow again and fails."""
     for attempt in (1, 2):
         nb = jupytext.read(source)
         client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
@@ -230,7 +234,12 @@ def _execute(source: Path):
                 raise
             print(f"{source.name}: the kernel stopped answering; running the lesson again with a fresh kernel")
             continue
-        return nb, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if attempt == 1 and seconds >= LESSON_LIMIT_S:
+            print(f"{source.name}: {seconds:.0f} s, over the {LESSON_LIMIT_S:.0f}-s limit (a stalled kernel?); "
+                  f"running the lesson again with a fresh kernel")
+            continue
+        return nb, seconds
 
 
 def nb_source_checks(nb) -> int:
