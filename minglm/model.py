@@ -140,12 +140,11 @@ class GLMConfig:
         "tiny": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128),
         "small": dict(n_layer=4, n_head=8, d_model=256, max_len=256, seq_len=256),
         "base": dict(n_layer=8, n_head=8, d_model=512, max_len=512, seq_len=512),
-        # the bundled course model (minglm/course.py): small's width, three layers, on whole-word tokens (3.4 M
-        # parameters, 13.7 MB), and 1-D RoPE: with the learned tables, Part-B tokens never learned to read their
-        # blank's neighbours
-        "course": dict(n_layer=3, n_head=8, d_model=256, max_len=128, seq_len=32, dropout=0.1, position="rope1d"),
-        # the default run (python -m minglm train): tiny's size with 1-D RoPE, for whole-word tokens and blanks
-        "words": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
+        # the default run (python -m minglm train) and the bundled course model (minglm/course.py): tiny's width and
+        # heads in ONE layer, with 1-D RoPE, on whole-word tokens (0.72 M parameters, 2.9 MB). In these CPU budgets
+        # a step of fewer layers buys more tokens than depth buys per token (README, "What was tried", round 5)
+        "words": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
+        "course": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
         # tiny's size with GLM-130B's recipe (its data mixture is the glm-130b training preset, minglm/config.py)
         "glm-130b": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128, position="rope1d",
                          gmask_positions="continue", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1,

@@ -1,10 +1,10 @@
 """``python -m minglm train``: a run folder around the ``Trainer`` (minglm/train.py), the main job of minglm.
 
-With no arguments it trains the ``words`` config (tiny's size with 1-D RoPE, whole-word tokens and blanks) on
-Shakespeare for a few CPU minutes. It writes the run
-folder ``runs/<name>/``: config.json, tokenizer.json, log.jsonl (one JSON line per step), ckpt/step_N.npz + .json and
-summary.json, then plots/*.png through ``viz``. At the end it prints held-out lines with the model's greedy fill
-beside the truth, and compares the validation loss with a unigram baseline.
+With no arguments it trains the ``words`` config (one layer of tiny's width with 1-D RoPE, whole-word tokens and
+blanks) on Shakespeare for a few CPU minutes. It writes the run folder ``runs/<name>/``: config.json, tokenizer.json,
+log.jsonl (one JSON line per step), ckpt/step_N.npz + .json and summary.json, then plots/*.png through ``viz``. At
+the end it prints held-out lines with the model's greedy fill beside the truth, and compares the validation loss
+with a unigram baseline.
 
 ``--resume RUN`` continues a run exactly from its latest checkpoint (the Trainer restores the rng, the data position
 and the log position), and the ``--inject-*`` flags corrupt the loss at chosen steps to watch the spike guard roll back.
