@@ -166,7 +166,7 @@ plt.show()
 # are far too short for the genre of 40 characters, and without the installed course model the fast pretrained
 # model is too small as well: the accuracies sit near the majority class, and the method is the lesson, not the
 # score. `python -m minglm finetune` (1,500 passages of 100 characters, 300 steps; the README's table) measured
-# on the bundled course model 33 % zero-shot, 64 % full fine-tuning, 62 % LoRA and 36 % prefix tuning, against
+# on the bundled course model 35 % zero-shot, 60 % full fine-tuning, 62 % LoRA and 50 % prefix tuning, against
 # 33 % for always answering the majority class: a small model that only ever filled blanks learns the task. On the
 # tiny preset's character run the same command gave 43 %, 41 % and 40 %: the base model matters.
 #
