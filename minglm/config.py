@@ -139,6 +139,12 @@ class TrainConfig:
         return asdict(self)
 
 
+# The default run and the course model fill whole words: a word tokenizer (4,096 ids), blanks of whole words the
+# vocabulary holds (spans of Poisson 0.25 words: one word 88 % of the time), half of each window blanked, windows of
+# 32 tokens that start at a sentence (README, "What was tried": each choice measured against the word n-gram).
+_WORD_RECIPE = dict(tokenizer="word", bpe_vocab=4096, span_unit="known_word", span_lambda=0.25, mask_ratio=0.5,
+                    window_start="sentence", seq_len=32, lr=2e-3, warmup=100)
+
 # Training presets that go with GLMConfig.PRESETS. tiny: the CPU main job; small: docs/performance.md's benchmark
 # config (about 0.4 s a step on 2 cores, so runs are longer); base: a GPU.
 TRAIN_PRESETS = {
@@ -147,20 +153,14 @@ TRAIN_PRESETS = {
                   mask_ratio=0.15),
     "base": dict(seq_len=512, batch_size=16, steps=20000, lr=6e-4, warmup=1000, eval_every=1000, ckpt_every=2000,
                  mask_ratio=0.15, device="gpu"),
-    # the default run and the course model fill whole words: a word tokenizer (4,096 ids), blanks of whole words
-    # the vocabulary holds (spans of Poisson 0.25 words: one word 88 % of the time), half of each window blanked,
-    # windows of 32 tokens that start at a sentence, one layer (README, "What was tried": each choice measured
-    # against the word n-gram)
-    "words": dict(tokenizer="word", bpe_vocab=4096, span_unit="known_word", span_lambda=0.25, mask_ratio=0.5,
-                  window_start="sentence", seq_len=32, batch_size=32, steps=5000, lr=2e-3, warmup=100,
-                  eval_every=500, ckpt_every=1000, time_limit=210.0),
+    # the default run: one layer (the `words` model preset) on 5,000 steps of 32 windows of _WORD_RECIPE
+    "words": dict(_WORD_RECIPE, batch_size=32, steps=5000, eval_every=500, ckpt_every=1000, time_limit=210.0),
     # the course model: the same recipe on ten times the windows (12,000 steps of 128), half of them cut to a
     # line or a few (README, "What was tried", round 4: the one line fill is given stopped looking like nothing
     # it had trained on; round 5: tokens, not layers; round 6: 12,000 steps rather than 8,000 or a second layer,
     # and the default's short spans)
-    "course": dict(tokenizer="word", bpe_vocab=4096, span_unit="known_word", span_lambda=0.25, mask_ratio=0.5,
-                   window_start="sentence", line_windows=0.5, seq_len=32, batch_size=128, steps=12000, lr=2e-3,
-                   warmup=100, eval_every=1000, ckpt_every=1000, time_limit=3300.0),
+    "course": dict(_WORD_RECIPE, line_windows=0.5, batch_size=128, steps=12000, eval_every=1000, ckpt_every=1000,
+                   time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=240.0),
 }
