@@ -239,13 +239,16 @@ class SelfAttention(Module):
                                               softmax_coeff=coeff)
 
     def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None, rotary=None) -> Tensor:
+                rng: np.random.Generator | None = None, rotary=None, rows=None) -> Tensor:
+        """(N, C), or (R, C) for the flat positions ``rows`` only (``GLM.forward``'s last layer)."""
         C = h.shape[-1]
         q, k, v = self.qkv(h, B, T, rotary)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, Tk, hs): everything cached so far, these T included
         y = self.attend(q, k, v, sep, layer, rng)  # (B, nh, T, hs)
         y = y.permute(0, 2, 1, 3).reshape(B * T, C)  # (N, C): heads side by side again
+        if rows is not None:
+            y = y[rows]  # (R, C): the output projection works row by row
         return self.dropout(self.dense(y), rng)
 
     # --- the same on plain arrays, for decoding (``GLM.infer``) ---
@@ -326,13 +329,18 @@ class Block(Module):
         self.mlp = MLP(config, rng)
 
     def forward(self, x: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None, rotary=None) -> Tensor:
+                rng: np.random.Generator | None = None, rotary=None, rows=None) -> Tensor:
+        """(N, C); with ``rows`` (R,) flat positions, only those rows leave the layer, (R, C). Every position still
+        gives its key and value, but after attention each row is computed on its own (the projection, the
+        residual, the LayerNorm and the MLP), so the last layer need not compute the rows no loss reads."""
         if self.alpha is not None:  # DeepNorm
             a = self.input_layernorm(x)  # (N, C)
-            m = self.post_attention_layernorm(a * self.alpha + self.attention(a, B, T, sep, layer, cache, rng, rotary))
-            return m * self.alpha + self.mlp(m, rng)  # (N, C)
-        x = x + self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng, rotary)  # (N, C)
-        return x + self.mlp(self.post_attention_layernorm(x), rng)  # (N, C)
+            att = self.attention(a, B, T, sep, layer, cache, rng, rotary, rows)
+            m = self.post_attention_layernorm((a if rows is None else a[rows]) * self.alpha + att)
+            return m * self.alpha + self.mlp(m, rng)  # (N, C) or (R, C)
+        att = self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng, rotary, rows)  # (N or R, C)
+        x = (x if rows is None else x[rows]) + att
+        return x + self.mlp(self.post_attention_layernorm(x), rng)  # (N, C) or (R, C)
 
     def infer(self, x, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None):
         """``forward`` on a plain (N, C) array (which it may overwrite), no dropout."""
@@ -451,12 +459,13 @@ class GLM(Module):
         if cache is not None:
             cache.write_tokens(tokens)
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)  # None, or (B, 1, T, hs) tables
+        last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            x = block(x, B, T, sep, i, cache, rng, rotary)  # (N, C)
+            # the last layer computes only the rows asked for (R, C): past its attention, every op is row by row
+            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None)  # (N, C)
         if cache is not None:
             cache.length += T
         if rows is not None:
-            x = x[rows]  # (R, C): LayerNorm and the head work row by row, so picking rows first changes nothing
             return F.linear(self.final_layernorm(x), self.word_embeddings.weight)  # (R, V)
         x = self.final_layernorm(x)  # (N, C)
         logits = F.linear(x, self.word_embeddings.weight)  # (N, V): tied head, no bias

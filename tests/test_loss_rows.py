@@ -1,6 +1,8 @@
-"""glm_loss computes logits only for the Part-B rows: the same loss and the same gradients as the full logits."""
+"""glm_loss computes only the Part-B rows past the last layer's attention (its projection, MLP, final LayerNorm
+and the head): the same logits, loss and gradients as the full forward pass, for every layout of the layer."""
 
 import numpy as np
+import pytest
 
 import minglm.functional as F
 from minglm.data.loader import BlockLoader
@@ -10,11 +12,15 @@ from minglm.tokenizer import CharTokenizer
 TEXT = "the quality of mercy is not strained it droppeth as the gentle rain from heaven upon the place beneath "
 
 
-def test_rows_give_the_full_logits_rows_and_the_same_loss_and_gradients():
+@pytest.mark.parametrize("switches", [{}, {"norm": "deepnorm"}, {"position": "rope1d", "ffn": "geglu"},
+                                      {"n_layer": 1, "position": "rope1d"}], ids=["pre-LN", "deepnorm", "rope-geglu",
+                                                                              "one-layer"])
+def test_rows_give_the_full_logits_rows_and_the_same_loss_and_gradients(switches):
     tok = CharTokenizer.from_texts([TEXT])
     loader = BlockLoader([np.array(tok.encode(TEXT * 20))], tok, 48, 3, objective="glm-base", mask_ratio=0.3)
     batch = loader.next_batch(np.random.default_rng(1))
-    cfg = GLMConfig.preset("tiny", vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4)
+    cfg = GLMConfig.preset("tiny", **{"vocab_size": tok.vocab_size, "n_layer": 2, "d_model": 32, "n_head": 4,
+                                      **switches})
     model = GLM(cfg, np.random.default_rng(0)).astype(np.float64)
 
     full = model(batch.tokens, batch.position_ids, batch.block_position_ids, batch.sep)  # (B, T, V)
