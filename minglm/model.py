@@ -449,7 +449,9 @@ class GLM(Module):
         K/V carry no gradient, so use a cache for inference only.
         ``rng`` drives dropout in training mode.
         ``rows`` (R,) flat indices into the B*T positions: only those rows get logits, (R, V). The loss needs only
-        the Part-B rows, and with a vocabulary of thousands the tied head is the largest product of the step.
+        the Part-B rows, and with a vocabulary of thousands the tied head is the largest product of the step. The
+        last layer already computes only those rows past its attention (``Block.forward``): in a one-layer model the
+        MLP then runs on the Part-B rows alone.
         """
         tokens, position_ids, block_position_ids, sep = self._check_inputs(
             tokens, position_ids, block_position_ids, sep, cache
