@@ -464,7 +464,7 @@ class GLM(Module):
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
             # the last layer computes only the rows asked for (R, C): past its attention, every op is row by row
-            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None)  # (N, C)
+            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None)  # (N, C); last: (R, C)
         if cache is not None:
             cache.length += T
         if rows is not None:
