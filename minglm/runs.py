@@ -51,9 +51,10 @@ from minglm.checkpoint import (
     verify_checkpoint,
     write_json_atomic,
 )
-from minglm.config import check_types, make_train_config
+from minglm.config import TrainConfig, check_types, make_train_config
+from minglm.data.objectives import GLM_PRESETS
 from minglm.model import GLM, GLMConfig
-from minglm.tokenizer import load_tokenizer, tokenizer_record
+from minglm.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer, tokenizer_record
 
 try:
     import fcntl
@@ -184,6 +185,32 @@ def read_tokenizer(path):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
         raise ValueError(f"{path} is not a valid tokenizer file ({type(e).__name__}: {e})") from None
+
+
+def make_tokenizer(cfg: TrainConfig, corpus):
+    """A new run's tokenizer: every character of the corpus, or byte-level BPE or whole words learned on the train
+    documents."""
+    if cfg.tokenizer == "bpe":
+        return BPETokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
+    if cfg.tokenizer == "word":
+        return WordTokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
+    return CharTokenizer.from_texts(corpus.docs)
+
+
+def objective_overrides(cfg: TrainConfig) -> dict:
+    """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
+    only; window_start: every objective). ``line_windows`` is not among them: only the training loader cuts windows
+    to lines, while validation and the unigram baseline read whole windows, comparable between runs."""
+    windows = {"window_start": cfg.window_start}
+    if cfg.objective in GLM_PRESETS:
+        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
+    if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
+        raise ValueError("TrainConfig.span_unit and span_lambda apply to the glm-* objectives only")
+    if cfg.objective == "bert":
+        return {"mask_ratio": cfg.mask_ratio, **windows}
+    if cfg.mask_ratio != TrainConfig.mask_ratio:
+        raise ValueError(f"TrainConfig.mask_ratio does not apply to the {cfg.objective!r} objective")
+    return windows
 
 
 def run_meta(config: GLMConfig, tokenizer) -> dict:

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from known_answers import FIG2_MASK
 
 from minglm.data import (
@@ -11,12 +13,14 @@ from minglm.data import (
     collate,
     dense_mask,
     describe,
+    draw_gmask_bound,
     gmask_prefix,
     make_objective,
     paper_view,
     place_spans,
     sentence_spans,
 )
+from minglm.data.blank import infill_rows
 from minglm.tokenizer import CLS_ID, EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SMASK_ID, SOP_ID
 
 X = {i: 10 + i for i in range(1, 7)}  # x1..x6 as ids 11..16
@@ -203,3 +207,87 @@ def test_describe_mentions_the_parts():
     text = describe(s)
     assert "sep (Part A length): 7" in text and "Part B[0] at position 5" in text and "Part B[1] at position 3" in text
     assert "mask" in text and text.count("\n") > 10
+
+
+def _random_rows(seed: int, n_rows: int):
+    """Rows of random lengths (some with no span, some with a span that ends the row) and their Part-B orders."""
+    rng = np.random.default_rng(seed)
+    rows, spans, orders = [], [], []
+    for r in range(n_rows):
+        L = int(rng.integers(1, 40))
+        cuts = np.sort(rng.choice(np.arange(L + 1), size=2 * int(rng.integers(0, L // 2 + 1)), replace=False))
+        sp = cuts.reshape(-1, 2)
+        if r == 0 and L > 1:
+            sp = np.array([[L - 1, L]])  # a span that ends the row: its <eop> slot points past the row
+        rows.append(rng.integers(8, 50, size=L))
+        spans.append(sp)
+        orders.append(rng.permutation(len(sp)))
+    return rows, spans, orders
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), n_rows=st.integers(1, 6), block_position=st.booleans(),
+       extra_pad=st.integers(0, 3))
+def test_infill_rows_equals_one_row_at_a_time(seed, n_rows, block_position, extra_pad):
+    """A batch built in one pass is, row for row, the sample ``blank_infill`` builds alone, padded with zeros."""
+    rows, spans, orders = _random_rows(seed, n_rows)
+    alone = [blank_infill(r, s, order=o, block_position=block_position) for r, s, o in zip(rows, spans, orders)]
+    want = collate(alone, objective="token")
+    T = want.tokens.shape[1] + extra_pad
+    got = infill_rows(rows, spans, orders, MASK_ID, SOP_ID, EOP_ID, block_position, pad_to=T)
+    for name in ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids"):
+        assert got[name].dtype == getattr(want, name).dtype and got[name].shape == (n_rows, T)
+        np.testing.assert_array_equal(got[name][:, : want.tokens.shape[1]], getattr(want, name), err_msg=name)
+        np.testing.assert_array_equal(got[name][:, want.tokens.shape[1]:], 0, err_msg=name)
+    np.testing.assert_array_equal(got["sep"], want.sep)
+    np.testing.assert_array_equal(got["lengths"], want.lengths)
+
+
+def test_infill_rows_rejects_a_short_pad_and_no_rows():
+    with pytest.raises(ValueError, match="pad_to"):
+        infill_rows([np.array(TEXT)], [np.array([[3, 5]])], [np.arange(1)], MASK_ID, pad_to=len(TEXT))
+    with pytest.raises(ValueError, match="at least one row"):
+        infill_rows([], [], [], MASK_ID)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), name=st.sampled_from(["glm-base", "glm-10b", "glm-doc", "t5"]),
+       mode=st.sampled_from(["token", "sentence", "document"]))
+def test_make_batch_draws_as_make_sample_does(seed, name, mode):
+    """The objectives build a batch in one pass but draw from the rng exactly as sample by sample: the same seed
+    gives the same batch as collating ``make_sample``'s samples (or T5's per-sample recipe), and leaves the rng in
+    the same state, so runs trained before the one-pass build continue unchanged."""
+    from minglm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["abcdefghij .\n"])
+    gen = np.random.default_rng(seed)
+    windows = [np.concatenate([[CLS], tok.encode_array("".join(gen.choice(list("abcdefghij .\n"), size=n))), [EOS]])
+               for n in gen.integers(20, 60, size=5)]
+    obj = make_objective(name, tok)
+    r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+    if name == "t5":
+        got = obj.make_batch(windows, r1)
+        want = collate([_t5_sample(obj, w, r2) for w in windows], objective="t5")
+    else:
+        got = obj.make_batch(windows, r1, mode=mode)
+        g = draw_gmask_bound([len(w) for w in windows], r2, obj.gpt_min_ratio) if mode == "document" else None
+        want = collate([obj.make_sample(w, mode, r2, g) for w in windows], objective=mode)
+    assert got.objective == want.objective
+    for key, value in want.to_dict().items():
+        np.testing.assert_array_equal(getattr(got, key), value, err_msg=key)
+    assert r1.random() == r2.random()
+
+
+def _t5_sample(obj, w, rng):
+    """T5 one sample at a time, as ``T5Objective`` built it before the one-pass batch."""
+    from minglm.data.objectives import _plain_sample
+
+    g = blank_infill(w, obj.sampler(np.asarray(w), rng), shuffle=False)
+    sep = g.sep
+    b_in, b_tg = g.tokens[sep:].copy(), g.targets[sep:].copy()
+    b_in[1:][b_in[1:] == S] = M
+    b_tg[np.flatnonzero(b_tg == E)[:-1]] = M
+    nb = len(b_in)
+    return _plain_sample(np.concatenate([g.tokens[:sep], b_in]), np.concatenate([g.targets[:sep], b_tg]),
+                         g.loss_mask, sep, "t5", position_ids=np.concatenate([np.arange(sep), np.zeros(nb, np.int64)]),
+                         block_position_ids=np.concatenate([np.zeros(sep, np.int64), np.arange(1, nb + 1)]))

@@ -4,7 +4,8 @@
 
 Measures whole batches as the trainer gets them (window choice, span sampling, blank infilling, padding) for each
 objective, with BLAS/OpenMP pinned to one thread, then trains a byte-level BPE on 1 MB of the corpus to 1,000 ids.
-Targets: >= 3,000 token-level 512-token samples/s on one core, also for the glm-10b mix; BPE <= 3 s.
+Targets: >= 3,000 token-level 512-token samples/s on one core, also for the glm-10b mix; BPE <= 3 s. Then the
+time to build one batch of the default run (`words` preset) and of the course model (`course`), word tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+from minglm.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
 from minglm.data import BlockLoader, encode_corpus, load_corpus  # noqa: E402
+from minglm.runs import make_tokenizer, objective_overrides  # noqa: E402
 from minglm.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
 
 
@@ -72,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         if resampled:
             note += f" (resampled {resampled})"
         print(f"{label:<22}{rate:>12,.0f}{rate * args.seq_len:>14,.0f}{T:>12}  {note}")
+
+    # the batches the two word-level runs train on: the default run's 32 windows of 32 word tokens, and the course
+    # model's 128, half of them cut to lines (minglm/config.py, the `words` and `course` presets)
+    word_cfg = TrainConfig(**{k: v for k, v in TRAIN_PRESETS["words"].items() if k != "time_limit"})
+    word_tok = make_tokenizer(word_cfg, corpus)
+    word_ids, _ = encode_corpus(corpus, word_tok)
+    for preset in ("words", "course"):
+        cfg = TrainConfig(**{k: v for k, v in TRAIN_PRESETS[preset].items() if k != "time_limit"})
+        loader = BlockLoader(word_ids, word_tok, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
+                             line_windows=cfg.line_windows, **objective_overrides(cfg))
+        rate, T = _rate(loader, args.seconds)
+        print(f"`{preset}` preset's batch ({cfg.batch_size} windows of {cfg.seq_len} word tokens"
+              f"{', half cut to lines' if cfg.line_windows else ''}): {1e3 * cfg.batch_size / rate:.1f} ms "
+              f"({rate:,.0f} windows/s, T = {T})")
 
     text = "".join(corpus.train)[: args.bpe_bytes]
     t0 = time.process_time()

@@ -39,7 +39,6 @@ from minglm.commands import error_line, fail
 from minglm.config import TrainConfig, apply_overrides, field_types, load_config_source, make_train_config
 from minglm.data.corpus import CORPUS_NAMES, encode_corpus, load_corpus
 from minglm.data.loader import BlockLoader, iter_eval_batches
-from minglm.data.objectives import GLM_PRESETS
 from minglm.fill_eval import candidate_lines, evaluate_fill, format_report
 from minglm.model import GLM, GLMConfig
 from minglm.optim import AdamW, CosineSchedule
@@ -49,7 +48,9 @@ from minglm.runs import (
     RUN_PARTS,
     check_no_links,
     check_run,
+    make_tokenizer,
     model_config_from,
+    objective_overrides,
     read_json,
     read_tokenizer,
     resume_point,
@@ -58,7 +59,7 @@ from minglm.runs import (
     set_aside_newer,
 )
 from minglm.tensor import Tensor
-from minglm.tokenizer import UNK_ID, BPETokenizer, CharTokenizer, WordTokenizer, tokenizer_record
+from minglm.tokenizer import UNK_ID, tokenizer_record
 from minglm.train import Trainer, TrainingDiverged, unigram_baseline
 
 VAL_SEED = 1234  # the validation blanks are drawn from this fixed seed, independent of --seed
@@ -255,31 +256,6 @@ def _model_config(model: dict, train: TrainConfig, vocab_size: int, explicit_max
     return model_config_from(model, "model config")
 
 
-def make_tokenizer(cfg: TrainConfig, corpus):
-    """A new run's tokenizer: every character of the corpus, or byte-level BPE learned on the train documents."""
-    if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
-    if cfg.tokenizer == "word":
-        return WordTokenizer.train(corpus.train, vocab_size=cfg.bpe_vocab)
-    return CharTokenizer.from_texts(corpus.docs)
-
-
-def _objective_overrides(cfg: TrainConfig) -> dict:
-    """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
-    only; window_start: every objective). ``line_windows`` is not among them: only the training loader cuts windows
-    to lines, while validation and the unigram baseline read whole windows, comparable between runs."""
-    windows = {"window_start": cfg.window_start}
-    if cfg.objective in GLM_PRESETS:
-        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
-    if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
-        raise ValueError("TrainConfig.span_unit and span_lambda apply to the glm-* objectives only")
-    if cfg.objective == "bert":
-        return {"mask_ratio": cfg.mask_ratio, **windows}
-    if cfg.mask_ratio != TrainConfig.mask_ratio:
-        raise ValueError(f"TrainConfig.mask_ratio does not apply to the {cfg.objective!r} objective")
-    return windows
-
-
 def _eval_modes(objective) -> list[str | None]:
     """The GLM modes to validate separately (those with a non-zero probability); [None] for the baselines."""
     if not hasattr(objective, "bert_prob"):
@@ -456,7 +432,7 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
         model.to("gpu")  # before the optimizer: it makes the parameters views of its flat buffer
     optimizer = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     schedule = CosineSchedule(cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    data_kw = _objective_overrides(cfg)
+    data_kw = objective_overrides(cfg)
     loader = BlockLoader(train_ids, tokenizer, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
                          line_windows=cfg.line_windows, **data_kw)
     val_batches = []

@@ -31,6 +31,8 @@ class Batch:
     lengths: np.ndarray  # (B,) unpadded length of each row
     objective: str
 
+    ROW_FIELDS = ("tokens", "targets", "loss_mask", "position_ids", "block_position_ids")  # the (B, T) arrays
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.tokens.shape
@@ -68,8 +70,8 @@ def collate(samples: list[Sample], objective: str | None = None, pad_to: int | N
     # Fill one flat buffer per field with a single concatenate + scatter, instead of B row assignments each.
     flat_idx = np.concatenate([np.arange(n) + i * T for i, n in enumerate(lengths.tolist())])
     out = {}
-    for name, dtype in (("tokens", np.int64), ("targets", np.int64), ("loss_mask", np.float32),
-                        ("position_ids", np.int64), ("block_position_ids", np.int64)):
+    for name in Batch.ROW_FIELDS:
+        dtype = np.float32 if name == "loss_mask" else np.int64
         buf = np.zeros(B * T, dtype=dtype)
         buf[flat_idx] = np.concatenate([getattr(s, name) for s in samples])
         out[name] = buf.reshape(B, T)  # (B, T)

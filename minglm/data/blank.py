@@ -5,8 +5,10 @@ objective (§2.4 there), both in the official **0-based** convention (docs/figur
 sample to the paper's 1-based Figure 2 view (docs/figure2.md §1) for plots.
 
 Glossary: L = length of the original sample, n = number of spans, S = length of the built sample
-(L - masked + n for Part A, plus masked + n for Part B). Everything here is vectorised over tokens: the cost of a
-sample is a fixed number of NumPy calls, whatever its length or span count.
+(L - masked + n for Part A, plus masked + n for Part B); R = rows (samples) built together, T = their padded length.
+Everything here is vectorised over tokens and over samples: `infill_rows` builds a whole batch, its rows laid back to
+back in flat arrays, in a fixed number of NumPy calls, whatever its size or span count, and `blank_infill` is that
+same code on one row.
 
 Left out: `--random-position` (off by default in the official code) and GLM-10B's `--block-mask-prob` ([dBLOCK]).
 Choosing the spans is the samplers' job (samplers.py); this file only builds tensors from given spans.
@@ -67,62 +69,111 @@ def blank_infill(tokens, spans, vocab=None, order=None, mask_id=None, shuffle=Tr
     block_position: False gives the `--no-block-position` ablation (block ids all 1 in Part B).
     """
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    L = len(tokens)
-    spans = check_spans(spans, L)
+    spans = check_spans(spans, len(tokens))
     n = len(spans)
     mask_id = _special(vocab, "mask_id", MASK_ID) if mask_id is None else int(mask_id)
     sop_id, eop_id = _special(vocab, "sop_id", SOP_ID), _special(vocab, "eop_id", EOP_ID)
-    starts, ends = spans[:, 0], spans[:, 1]
-    lens = ends - starts
-
-    # Part A: drop every span token but the first, which becomes the blank. Part A positions are simply 0..sep-1,
-    # so each blank sits at the position of its span start in the corrupted text (the official cumsum - 1 row).
-    delta = np.bincount(starts + 1, minlength=L + 1) - np.bincount(ends, minlength=L + 1)  # (L+1,) +1 / -1 marks
-    drop = np.cumsum(delta[:L]) > 0  # (L,) True on span tokens after the first
-    keep_idx = np.flatnonzero(~drop)
-    part_a = tokens[keep_idx].copy()
-    sep = len(part_a)
-    mask_pos = np.cumsum(~drop)[starts] - 1 if n else np.zeros(0, dtype=np.int64)  # (n,) Part-A index of each blank
-    part_a[mask_pos] = mask_id
-
-    # Part B order
     if order is not None:
         order = np.asarray(order, dtype=np.int64).reshape(-1)
         if sorted(order.tolist()) != list(range(n)):
             raise ValueError(f"blank_infill: order must be a permutation of range({n}), got {order.tolist()}")
-    elif shuffle and n > 1:
+    else:
+        order = part_b_order(n, shuffle, rng)
+    out = infill_rows([tokens], [spans], [order], mask_id, sop_id, eop_id, block_position)
+    return Sample(**{k: v[0] for k, v in out.items() if k not in ("sep", "lengths")}, sep=int(out["sep"][0]),
+                  spans=spans, order=order, objective="token")
+
+
+def part_b_order(n: int, shuffle: bool, rng) -> np.ndarray:
+    """The Part-B order of n text-ordered spans: ``rng.permutation(n)`` when shuffled (the official
+    ``shuffle_block``), else text order (the `--no-shuffle-block` ablation). One span needs no draw."""
+    if shuffle and n > 1:
         if rng is None:
             raise ValueError("blank_infill: pass rng (a numpy Generator) to shuffle the spans, "
                              "or order=..., or shuffle=False")
-        order = rng.permutation(n)
-    else:
-        order = np.arange(n)
+        return rng.permutation(n)
+    return np.arange(n)
+
+
+def infill_rows(rows, spans, orders, mask_id: int, sop_id: int = SOP_ID, eop_id: int = EOP_ID,
+                block_position: bool = True, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Part A and Part B of several samples at once, right-padded into (R, T) arrays (docs/official-code.md §2.5
+    for the tensors, §2.6 for the padding: zeros after Part B).
+
+    rows: R int64 token arrays; spans: R checked, text-ordered (n_r, 2) arrays (``check_spans``); orders: R Part-B
+    orders (permutations of range(n_r)). Returns tokens, targets, loss_mask (float32), position_ids and
+    block_position_ids as (R, T), and sep and lengths as (R,). T is the longest sample, or ``pad_to``.
+
+    Every row is cut into the same flat arrays, so the cost is a fixed number of NumPy calls per batch, however
+    many rows and spans it has: one sample (``blank_infill``) and a training batch (``GLMObjective.make_batch``)
+    run this same code.
+    """
+    R = len(rows)
+    if not R:
+        raise ValueError("infill_rows: need at least one row")
+    row_len = np.fromiter((len(r) for r in rows), dtype=np.int64, count=R)  # (R,)
+    n_spans = np.fromiter((len(s) for s in spans), dtype=np.int64, count=R)  # (R,)
+    tokens = np.concatenate(rows).astype(np.int64, copy=False)  # (Ltot,) every row back to back
+    Ltot = len(tokens)
+    row_start = np.cumsum(row_len) - row_len  # (R,) where each row begins in `tokens`
+    span_row = np.repeat(np.arange(R), n_spans)  # (N,) the row of each span
+    all_spans = np.concatenate(spans).reshape(-1, 2).astype(np.int64, copy=False)  # (N, 2)
+    starts = all_spans[:, 0] + row_start[span_row]  # (N,) flat, text order within each row
+    ends = all_spans[:, 1] + row_start[span_row]
+    span_first = np.cumsum(n_spans) - n_spans  # (R,) index of each row's first span
+    order = np.concatenate(orders).astype(np.int64, copy=False) + np.repeat(span_first, n_spans)  # (N,) flat
+    lens = ends - starts
+
+    # Part A: drop every span token but the first, which becomes the blank. Part A positions are simply 0..sep-1,
+    # so each blank sits at the position of its span start in the corrupted text (the official cumsum - 1 row).
+    delta = np.bincount(starts + 1, minlength=Ltot + 1) - np.bincount(ends, minlength=Ltot + 1)  # +1 / -1 marks
+    keep = np.cumsum(delta[:Ltot]) <= 0  # (Ltot,) False on span tokens after the first
+    keep_idx = np.flatnonzero(keep)
+    part_a = tokens[keep_idx]  # (A,) every row's Part A, back to back
+    row_of_token = np.repeat(np.arange(R), row_len)
+    sep = np.bincount(row_of_token[keep_idx], minlength=R)  # (R,) Part-A length of each row
+    a_start = np.cumsum(sep) - sep  # (R,) where each row's Part A begins in part_a
+    mask_at = np.cumsum(keep)[starts] - 1  # (N,) index of each blank in part_a
+    part_a[mask_at] = mask_id
+    mask_pos = mask_at - a_start[span_row]  # (N,) its position in its row
 
     # Part B: for each span in `order`, input [<sop>, span], target [span, <eop>], all at the blank's position,
-    # block ids 1..len+1. Built for all spans at once: seg says which span each Part-B slot belongs to and
-    # within its index inside that span's piece (0 = the <sop> slot).
-    piece = lens[order] + 1  # (n,)
+    # block ids 1..len+1. seg says which span each Part-B slot belongs to, within its index inside that span's
+    # piece (0 = the <sop> slot). The orders permute spans inside their own row, so Part B stays grouped by row.
+    piece = lens[order] + 1  # (N,)
     nb = int(piece.sum())
-    seg = np.repeat(np.arange(n), piece)  # (nb,)
+    seg = np.repeat(np.arange(len(order)), piece)  # (nb,)
     within = np.arange(nb) - np.repeat(np.cumsum(piece) - piece, piece)  # (nb,)
-    src = starts[order][seg] + within  # index of the target token in `tokens`
+    src = starts[order][seg] + within  # flat index of the target token
     is_first, is_last = within == 0, within == piece[seg] - 1
-    b_tokens = np.where(is_first, sop_id, tokens[np.maximum(src - 1, 0)])  # src - 1 = -1 only on <sop> slots
-    b_targets = np.where(is_last, eop_id, tokens[np.minimum(src, L - 1)])  # src = L only on an <eop> slot
+    b_tokens = np.where(is_first, sop_id, tokens[np.maximum(src - 1, 0)])  # src - 1 is another token only on <sop>
+    b_targets = np.where(is_last, eop_id, tokens[np.minimum(src, Ltot - 1)])  # src may leave the row only on <eop>
     b_pos = mask_pos[order][seg]
     b_block = within + 1 if block_position else np.ones(nb, dtype=np.int64)
+    b_row = span_row[order][seg]
+    b_len = np.bincount(span_row, weights=lens + 1, minlength=R).astype(np.int64)  # (R,) Part-B length of each row
+    b_start = np.cumsum(b_len) - b_len
 
-    return Sample(
-        tokens=np.concatenate([part_a, b_tokens]).astype(np.int64),
-        targets=np.concatenate([part_a, b_targets]).astype(np.int64),
-        loss_mask=np.concatenate([np.zeros(sep, np.float32), np.ones(nb, np.float32)]),
-        position_ids=np.concatenate([np.arange(sep), b_pos]).astype(np.int64),
-        block_position_ids=np.concatenate([np.zeros(sep, np.int64), b_block]).astype(np.int64),
-        sep=sep,
-        spans=spans,
-        order=order,
-        objective="token",
-    )
+    lengths = sep + b_len
+    T = int(lengths.max(initial=0)) if pad_to is None else int(pad_to)
+    if lengths.max(initial=0) > T:
+        raise ValueError(f"infill_rows: a sample has length {int(lengths.max())} > pad_to={T}")
+    a_row = row_of_token[keep_idx]
+    a_col = np.arange(len(part_a)) - a_start[a_row]  # (A,) a Part-A token's column: its position
+    at_a = a_row * T + a_col
+    at_b = b_row * T + sep[b_row] + np.arange(nb) - b_start[b_row]
+    out = {}
+    for name, a_vals, b_vals, dtype in (("tokens", part_a, b_tokens, np.int64),
+                                        ("targets", part_a, b_targets, np.int64),
+                                        ("loss_mask", 0, 1, np.float32),
+                                        ("position_ids", a_col, b_pos, np.int64),
+                                        ("block_position_ids", 0, b_block, np.int64)):
+        buf = np.zeros(R * T, dtype=dtype)  # pads: id 0, target 0, loss 0, positions 0
+        buf[at_a] = a_vals
+        buf[at_b] = b_vals
+        out[name] = buf.reshape(R, T)
+    out["sep"], out["lengths"] = sep.astype(np.int64), lengths
+    return out
 
 
 def gmask_prefix(tokens, g: int, vocab=None, mask_id=None, block_position=True) -> Sample:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from minglm.data.batch import Batch, collate
-from minglm.data.blank import Sample, blank_infill, gmask_prefix
+from minglm.data.blank import Sample, blank_infill, check_spans, gmask_prefix, infill_rows, part_b_order
 from minglm.data.samplers import (
     TokenSpanSampler,
     WordSpanSampler,
@@ -100,39 +100,78 @@ class GLMObjective:
             return "sentence"
         return "document"
 
-    def make_sample(self, window: np.ndarray, mode: str, rng: np.random.Generator, g: int | None = None) -> Sample:
+    def _spans(self, window: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
+        """The spans of a token-level or sentence-level sample."""
         if mode == "token":
-            spans = self.sampler(window, rng)
-            return blank_infill(window, spans, mask_id=MASK_ID, shuffle=self.shuffle,
-                                block_position=self.block_position, rng=rng)
-        if mode == "sentence":
-            if self.sentence_end is None:
-                raise ValueError("GLMObjective: sentence mode needs the tokenizer (make_objective(name, tokenizer))")
-            spans = choose_sentences(window, self.sentence_end, rng, self.mask_ratio)
-            s = blank_infill(window, spans, mask_id=SMASK_ID if self.task_mask else MASK_ID, shuffle=self.shuffle,
-                             block_position=self.block_position, rng=rng)
-            s.objective = "sentence"
+            return self.sampler(window, rng)
+        if self.sentence_end is None:
+            raise ValueError("GLMObjective: sentence mode needs the tokenizer (make_objective(name, tokenizer))")
+        return choose_sentences(window, self.sentence_end, rng, self.mask_ratio)
+
+    def _blank_id(self, mode: str) -> int:
+        """The blank of a mode: [sMASK] / [gMASK] for sentences / documents with task masks, else [MASK]."""
+        if self.task_mask and mode in ("sentence", "document"):
+            return SMASK_ID if mode == "sentence" else GMASK_ID
+        return MASK_ID
+
+    def make_sample(self, window: np.ndarray, mode: str, rng: np.random.Generator, g: int | None = None) -> Sample:
+        if mode in ("token", "sentence"):
+            s = blank_infill(window, self._spans(window, mode, rng), mask_id=self._blank_id(mode),
+                             shuffle=self.shuffle, block_position=self.block_position, rng=rng)
+            s.objective = mode
             return s
         if mode == "document":
-            L = len(window)
-            g = min(g if g is not None else L - 2, L - 2)
-            blank = GMASK_ID if self.task_mask else MASK_ID
-            if is_multi_document(window) or rng.random() < self.gpt_infill_prob:
-                return gmask_prefix(window, g, mask_id=blank, block_position=self.block_position)
-            spans = place_spans(window, np.array([g]), rng, pack=True)
-            s = blank_infill(window, spans, mask_id=blank, shuffle=False, block_position=self.block_position)
+            prefix, spans = self._document(window, rng, g)
+            if prefix is not None:
+                return prefix
+            s = blank_infill(window, spans, mask_id=self._blank_id(mode), shuffle=False,
+                             block_position=self.block_position)
             s.objective = "document"
             return s
         raise ValueError(f"GLMObjective.make_sample: unknown mode {mode!r} (token, sentence, document)")
+
+    def _document(self, window: np.ndarray, rng: np.random.Generator, g: int | None) -> tuple[Sample | None, object]:
+        """A document-level sample: (the prefix branch's Sample, None), or (None, the infill branch's one span as an
+        (1, 2) array)."""
+        L = len(window)
+        g = min(g if g is not None else L - 2, L - 2)
+        if is_multi_document(window) or rng.random() < self.gpt_infill_prob:
+            return gmask_prefix(window, g, mask_id=self._blank_id("document"), block_position=self.block_position), None
+        return None, place_spans(window, np.array([g]), rng, pack=True)
 
     def make_batch(self, windows: list[np.ndarray], rng: np.random.Generator, mode: str | None = None,
                    pad_to: int | None = None) -> Batch:
         """One objective for the whole batch (drawn unless `mode` is given), then right-padding."""
         mode = self.choose_mode(rng) if mode is None else mode
-        g = None
         if mode == "document":
             g = draw_gmask_bound([len(w) for w in windows], rng, self.gpt_min_ratio)
-        return collate([self.make_sample(w, mode, rng, g) for w in windows], objective=mode, pad_to=pad_to)
+            samples, infill = [], []  # the infill branch's samples are built together once all are drawn
+            for w in windows:  # per window: the draws are sequential
+                prefix, spans = self._document(np.asarray(w, dtype=np.int64), rng, g)
+                samples.append(prefix)
+                if prefix is None:
+                    infill.append((len(samples) - 1, np.asarray(w, dtype=np.int64), spans))
+            if infill:
+                out = infill_rows([w for _, w, _ in infill], [s for _, _, s in infill], [np.arange(1)] * len(infill),
+                                  self._blank_id(mode), SOP_ID, EOP_ID, self.block_position)
+                for r, (i, _, _) in enumerate(infill):  # per infill window: views of its row
+                    n = int(out["lengths"][r])
+                    samples[i] = Sample(**{k: out[k][r, :n] for k in Batch.ROW_FIELDS}, sep=int(out["sep"][r]),
+                                        objective="document")
+            return collate(samples, objective=mode, pad_to=pad_to)
+        if mode not in ("token", "sentence"):
+            raise ValueError(f"GLMObjective.make_batch: unknown mode {mode!r} (token, sentence, document)")
+        # token and sentence level: the spans and Part-B order of each window, drawn from rng in the order that
+        # make_sample draws them, then every window's tensors in one pass (blank.infill_rows)
+        rows, spans, orders = [], [], []
+        for w in windows:  # per window: the draws are sequential
+            w = np.asarray(w, dtype=np.int64)
+            s = check_spans(self._spans(w, mode, rng), len(w))
+            rows.append(w)
+            spans.append(s)
+            orders.append(part_b_order(len(s), self.shuffle, rng))
+        out = infill_rows(rows, spans, orders, self._blank_id(mode), SOP_ID, EOP_ID, self.block_position, pad_to)
+        return Batch(objective=mode, **out)
 
 
 def _plain_sample(tokens, targets, loss_mask, sep, objective, position_ids=None, block_position_ids=None) -> Sample:
@@ -243,30 +282,30 @@ class T5Objective:
     def stats(self) -> dict:
         return self.sampler.stats
 
-    def make_sample(self, w: np.ndarray, rng: np.random.Generator) -> Sample:
-        w = np.asarray(w, dtype=np.int64)
-        spans = self.sampler(w, rng)
-        g = blank_infill(w, spans, shuffle=False)  # Part A is exactly GLM's
-        sep = g.sep
-        b_in, b_tg = g.tokens[sep:].copy(), g.targets[sep:].copy()
-        # GLM's Part B in text order is <sop> s1 <sop> s2 ... with targets s1 <eop> s2 <eop> ...: turn the inner
-        # <sop> inputs and <eop> targets into the sentinel; the very first <sop> and the last <eop> stay.
-        b_in[1:][b_in[1:] == SOP_ID] = MASK_ID
-        inner_eop = np.flatnonzero(b_tg == EOP_ID)[:-1]
-        b_tg[inner_eop] = MASK_ID
-        nb = len(b_in)
-        return _plain_sample(
-            np.concatenate([g.tokens[:sep], b_in]),
-            np.concatenate([g.targets[:sep], b_tg]),
-            g.loss_mask,
-            sep,
-            "t5",
-            position_ids=np.concatenate([np.arange(sep), np.zeros(nb, dtype=np.int64)]),
-            block_position_ids=np.concatenate([np.zeros(sep, dtype=np.int64), np.arange(1, nb + 1)]),
-        )
-
     def make_batch(self, windows, rng, mode=None, pad_to=None) -> Batch:
-        return collate([self.make_sample(w, rng) for w in windows], objective="t5", pad_to=pad_to)
+        rows = [np.asarray(w, dtype=np.int64) for w in windows]
+        spans = [check_spans(self.sampler(w, rng), len(w)) for w in rows]  # per window: the draws are sequential
+        g = infill_rows(rows, spans, [np.arange(len(s)) for s in spans], MASK_ID)  # Part A is exactly GLM's
+        samples = []
+        for r in range(len(rows)):  # per window
+            sep, n = int(g["sep"][r]), int(g["lengths"][r])
+            a_tokens, b_in, b_tg = g["tokens"][r, :sep], g["tokens"][r, sep:n].copy(), g["targets"][r, sep:n].copy()
+            # GLM's Part B in text order is <sop> s1 <sop> s2 ... with targets s1 <eop> s2 <eop> ...: turn the
+            # inner <sop> inputs and <eop> targets into the sentinel; the very first <sop> and the last <eop> stay.
+            b_in[1:][b_in[1:] == SOP_ID] = MASK_ID
+            inner_eop = np.flatnonzero(b_tg == EOP_ID)[:-1]
+            b_tg[inner_eop] = MASK_ID
+            nb = len(b_in)
+            samples.append(_plain_sample(
+                np.concatenate([a_tokens, b_in]),
+                np.concatenate([a_tokens, b_tg]),
+                g["loss_mask"][r, :n],
+                sep,
+                "t5",
+                position_ids=np.concatenate([np.arange(sep), np.zeros(nb, dtype=np.int64)]),
+                block_position_ids=np.concatenate([np.zeros(sep, dtype=np.int64), np.arange(1, nb + 1)]),
+            ))
+        return collate(samples, objective="t5", pad_to=pad_to)
 
 
 Objective = GLMObjective | BertObjective | GPTObjective | PrefixLMObjective | T5Objective
