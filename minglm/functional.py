@@ -935,9 +935,21 @@ def rotary_tables(ids: list, head_size: int, dtype=np.float32, base: float = 100
         raise ValueError(f"rotary_tables: head size {head_size} must split into {groups} chunk(s) of even size")
     d = head_size // groups
     inv_freq = 1.0 / base ** (xp.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+    ids = [xp.asarray(chunk_ids) for chunk_ids in ids]
+    # The ids are positions, a few distinct small integers in a batch of B·T: take the cos and sin of each id from a
+    # table of 0..max instead of B·T·hs times (the same float64 values, so the same float32 tables).
+    integer = ids[0].size and all(chunk_ids.dtype.kind in "iu" for chunk_ids in ids)
+    if integer and min(int(chunk_ids.min()) for chunk_ids in ids) >= 0 \
+            and (top := max(int(chunk_ids.max()) for chunk_ids in ids)) < ids[0].size:
+        angles = xp.arange(top + 1, dtype=np.float64)[:, None] * inv_freq  # (top + 1, d/2)
+        angles = xp.concatenate([angles, angles], axis=-1)  # (top + 1, d)
+        cos_t, sin_t = xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
+        cos = xp.concatenate([cos_t[chunk_ids] for chunk_ids in ids], axis=-1)[:, None]  # (B, 1, T, hs)
+        sin = xp.concatenate([sin_t[chunk_ids] for chunk_ids in ids], axis=-1)[:, None]
+        return cos, sin
     chunks = []
     for chunk_ids in ids:
-        angles = xp.asarray(chunk_ids).astype(np.float64)[..., None] * inv_freq  # (B, T, d/2)
+        angles = chunk_ids.astype(np.float64)[..., None] * inv_freq  # (B, T, d/2)
         chunks += [angles, angles]
     emb = xp.concatenate(chunks, axis=-1)[:, None]  # (B, 1, T, hs)
     return xp.cos(emb).astype(dtype), xp.sin(emb).astype(dtype)

@@ -89,6 +89,22 @@ def test_rope_scores_depend_only_on_the_position_difference():
     assert abs(score(7, 3) - score(3, 7)) > 1e-3  # the direction matters
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("top", [3, 60, 10_000])  # few ids (a table of 0..max) or more ids than entries (directly)
+def test_rotary_tables_are_the_angles_of_each_id(groups, top):
+    """The tables hold cos and sin of id·θ_i computed in float64, laid out [θ | θ] per chunk, whichever way
+    ``rotary_tables`` gets there (a batch of positions looks them up in a table of 0..max)."""
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(0, top, size=(4, 9)) for _ in range(groups)]
+    cos, sin = F.rotary_tables(ids, 16, np.float32)
+    d = 16 // groups
+    theta = 1.0 / 10000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    angles = np.concatenate([np.concatenate([a[..., None] * theta] * 2, axis=-1) for a in ids], axis=-1)[:, None]
+    assert cos.dtype == sin.dtype == np.float32 and cos.shape == (4, 1, 9, 16)
+    np.testing.assert_array_equal(cos, np.cos(angles).astype(np.float32))
+    np.testing.assert_array_equal(sin, np.sin(angles).astype(np.float32))
+
+
 def test_rope_refuses_an_odd_head_size():
     with pytest.raises(ValueError, match="even"):
         F.rotary_tables([np.zeros((1, 2), dtype=np.int64)], 7)
