@@ -307,6 +307,16 @@ def _is_basic_index(index) -> bool:
     return all(i is None or i is Ellipsis or isinstance(i, int | slice) for i in items)
 
 
+def _is_increasing(index) -> bool:
+    """True for one 1-D integer array of strictly increasing indices (the model's Part-B rows, from flatnonzero):
+    no element repeats, so the backward may assign instead of the much slower scatter-add."""
+    if isinstance(index, tuple) or getattr(index, "ndim", None) != 1 or index.dtype.kind not in "iu":
+        return False
+    if len(index) and index[0] < 0:  # -1 and n - 1 are the same element
+        return False
+    return len(index) < 2 or bool((index[1:] > index[:-1]).all())
+
+
 class GetItem(Function):
     """``a[index]`` for slices, None, Ellipsis, ints and integer/boolean arrays.
 
@@ -328,7 +338,7 @@ class GetItem(Function):
         # zeros laid out in memory like the input (order "K"): when the input is a permuted view, as q, k and v of
         # the attention are, the gradient flows back through the permute and reshape as views, without a copy
         out = xp.zeros_like(ctx.a, order="K")
-        if _is_basic_index(ctx.index):
+        if _is_basic_index(ctx.index) or _is_increasing(ctx.index):
             out[ctx.index] = grad
         else:
             scatter_add(out, ctx.index, grad)

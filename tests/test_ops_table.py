@@ -246,6 +246,11 @@ TABLE: list[Row] = [
     Row("getitem_scalar", "GetItem", lambda a: a[1, -2], lambda a: a[1, -2], lambda r: [P(randn(r, 3, 4))]),
     Row("getitem_int_array", "GetItem", lambda a, i: a[i], lambda a, i: a[i], lambda r: [P(randn(r, 4, 3)), K(_GI)]),
     Row("getitem_int_list", "GetItem", lambda a: a[[1, 1, 0]], lambda a: a[[1, 1, 0]], lambda r: [P(randn(r, 3, 2))]),
+    # strictly increasing indices assign in the backward (the model's Part-B rows); -1 and 3 are one row of 4
+    Row("getitem_increasing", "GetItem", lambda a, i: a[i], lambda a, i: a[i],
+        lambda r: [P(randn(r, 5, 3)), K(np.array([0, 2, 3]))]),
+    Row("getitem_negative_alias", "GetItem", lambda a, i: a[i], lambda a, i: a[i],
+        lambda r: [P(randn(r, 4, 3)), K(np.array([-1, 1, 3]))]),
     Row("getitem_two_arrays", "GetItem", lambda a, i, j: a[i, j], lambda a, i, j: a[i, j],
         lambda r: [P(randn(r, 4, 5)), K([0, 0, 3, 0]), K([1, 1, 4, 2])]),
     Row("getitem_array_slice", "GetItem", lambda a, i: a[:, i], lambda a, i: a[:, i],
