@@ -130,8 +130,8 @@ def infill_rows(rows, spans, orders, mask_id: int, sop_id: int = SOP_ID, eop_id:
     keep = np.cumsum(delta[:Ltot]) <= 0  # (Ltot,) False on span tokens after the first
     keep_idx = np.flatnonzero(keep)
     part_a = tokens[keep_idx]  # (A,) every row's Part A, back to back
-    row_of_token = np.repeat(np.arange(R), row_len)
-    sep = np.bincount(row_of_token[keep_idx], minlength=R)  # (R,) Part-A length of each row
+    a_row = np.repeat(np.arange(R), row_len)[keep_idx]  # (A,) the row of each Part-A token
+    sep = np.bincount(a_row, minlength=R)  # (R,) Part-A length of each row
     a_start = np.cumsum(sep) - sep  # (R,) where each row's Part A begins in part_a
     mask_at = np.cumsum(keep)[starts] - 1  # (N,) index of each blank in part_a
     part_a[mask_at] = mask_id
@@ -158,7 +158,6 @@ def infill_rows(rows, spans, orders, mask_id: int, sop_id: int = SOP_ID, eop_id:
     T = int(lengths.max(initial=0)) if pad_to is None else int(pad_to)
     if lengths.max(initial=0) > T:
         raise ValueError(f"infill_rows: a sample has length {int(lengths.max())} > pad_to={T}")
-    a_row = row_of_token[keep_idx]
     a_col = np.arange(len(part_a)) - a_start[a_row]  # (A,) a Part-A token's column: its position
     at_a = a_row * T + a_col
     at_b = b_row * T + sep[b_row] + np.arange(nb) - b_start[b_row]
