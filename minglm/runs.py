@@ -25,6 +25,9 @@ reader sees the old one or the new one, never half of one. Nothing is written th
 ``resume_point`` picks the checkpoint ``train --resume`` continues from: the newest one that verifies and that
 log.jsonl covers (or the one ``--from step_N`` names), and says why newer ones were passed over.
 
+What a new run is made of, from its TrainConfig: ``make_tokenizer`` (the tokenizer it learns from the corpus) and
+``objective_overrides`` (the data settings its loaders take); ``train`` and ``bench data`` build runs' data with them.
+
 Left out: loading a bare .npz without its JSON record (it cannot be verified; ``minglm.interop`` reads plain weight
 files), run folders on remote storage, and locking on Windows (no ``fcntl``: one writer is then the user's care).
 """
