@@ -19,7 +19,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from minglm.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
+from minglm.config import TRAIN_PRESETS, make_train_config  # noqa: E402
 from minglm.data import BlockLoader, encode_corpus, load_corpus  # noqa: E402
 from minglm.runs import make_tokenizer, objective_overrides  # noqa: E402
 from minglm.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # the batches the two word-level runs train on: the default run's 32 windows of 32 word tokens, and the course
     # model's 128, half of them cut to lines (minglm/config.py, the `words` and `course` presets)
-    word_cfg = TrainConfig(**{k: v for k, v in TRAIN_PRESETS["words"].items() if k != "time_limit"})
+    word_cfg = make_train_config(TRAIN_PRESETS["words"])
     word_tok = make_tokenizer(word_cfg, corpus)
     word_ids, _ = encode_corpus(corpus, word_tok)
     for preset in ("words", "course"):
-        cfg = TrainConfig(**{k: v for k, v in TRAIN_PRESETS[preset].items() if k != "time_limit"})
+        cfg = make_train_config(TRAIN_PRESETS[preset])
         loader = BlockLoader(word_ids, word_tok, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
                              line_windows=cfg.line_windows, **objective_overrides(cfg))
         rate, T = _rate(loader, args.seconds)

@@ -145,16 +145,15 @@ class GLMObjective:
         mode = self.choose_mode(rng) if mode is None else mode
         if mode == "document":
             g = draw_gmask_bound([len(w) for w in windows], rng, self.gpt_min_ratio)
-            samples, infill = [], []  # the infill branch's samples are built together once all are drawn
-            for w in windows:  # per window: the draws are sequential
-                prefix, spans = self._document(np.asarray(w, dtype=np.int64), rng, g)
-                samples.append(prefix)
-                if prefix is None:
-                    infill.append((len(samples) - 1, np.asarray(w, dtype=np.int64), spans))
+            windows = [np.asarray(w, dtype=np.int64) for w in windows]
+            drawn = [self._document(w, rng, g) for w in windows]  # per window: the draws are sequential
+            infill = [i for i, (prefix, _) in enumerate(drawn) if prefix is None]  # built together, below
+            samples = [prefix for prefix, _ in drawn]
             if infill:
-                out = infill_rows([w for _, w, _ in infill], [s for _, _, s in infill], [np.arange(1)] * len(infill),
-                                  self._blank_id(mode), SOP_ID, EOP_ID, self.block_position)
-                for r, (i, _, _) in enumerate(infill):  # per infill window: views of its row
+                out = infill_rows([windows[i] for i in infill], [drawn[i][1] for i in infill],
+                                  [np.arange(1)] * len(infill), self._blank_id(mode), SOP_ID, EOP_ID,
+                                  self.block_position)
+                for r, i in enumerate(infill):  # per infill window: views of its row
                     n = int(out["lengths"][r])
                     samples[i] = Sample(**{k: out[k][r, :n] for k in Batch.ROW_FIELDS}, sep=int(out["sep"][r]),
                                         objective="document")
@@ -285,27 +284,17 @@ class T5Objective:
     def make_batch(self, windows, rng, mode=None, pad_to=None) -> Batch:
         rows = [np.asarray(w, dtype=np.int64) for w in windows]
         spans = [check_spans(self.sampler(w, rng), len(w)) for w in rows]  # per window: the draws are sequential
-        g = infill_rows(rows, spans, [np.arange(len(s)) for s in spans], MASK_ID)  # Part A is exactly GLM's
-        samples = []
-        for r in range(len(rows)):  # per window
-            sep, n = int(g["sep"][r]), int(g["lengths"][r])
-            a_tokens, b_in, b_tg = g["tokens"][r, :sep], g["tokens"][r, sep:n].copy(), g["targets"][r, sep:n].copy()
-            # GLM's Part B in text order is <sop> s1 <sop> s2 ... with targets s1 <eop> s2 <eop> ...: turn the
-            # inner <sop> inputs and <eop> targets into the sentinel; the very first <sop> and the last <eop> stay.
-            b_in[1:][b_in[1:] == SOP_ID] = MASK_ID
-            inner_eop = np.flatnonzero(b_tg == EOP_ID)[:-1]
-            b_tg[inner_eop] = MASK_ID
-            nb = len(b_in)
-            samples.append(_plain_sample(
-                np.concatenate([a_tokens, b_in]),
-                np.concatenate([a_tokens, b_tg]),
-                g["loss_mask"][r, :n],
-                sep,
-                "t5",
-                position_ids=np.concatenate([np.arange(sep), np.zeros(nb, dtype=np.int64)]),
-                block_position_ids=np.concatenate([np.zeros(sep, dtype=np.int64), np.arange(1, nb + 1)]),
-            ))
-        return collate(samples, objective="t5", pad_to=pad_to)
+        out = infill_rows(rows, spans, [np.arange(len(s)) for s in spans], MASK_ID, pad_to=pad_to)  # GLM, text order
+        col = np.arange(out["tokens"].shape[1])  # (T,)
+        sep, end = out["sep"][:, None], out["lengths"][:, None]  # (B, 1)
+        part_b = (col >= sep) & (col < end)  # (B, T)
+        # GLM's Part B in text order is <sop> s1 <sop> s2 ... with targets s1 <eop> s2 <eop> ...: turn the inner
+        # <sop> inputs and <eop> targets into the sentinel; the very first <sop> and the last <eop> stay.
+        out["tokens"][part_b & (col > sep) & (out["tokens"] == SOP_ID)] = MASK_ID
+        out["targets"][part_b & (col < end - 1) & (out["targets"] == EOP_ID)] = MASK_ID
+        out["position_ids"][part_b] = 0  # the decoder's positions are its own: 1..|B| in the block row
+        out["block_position_ids"] = np.where(part_b, col - sep + 1, 0)
+        return Batch(objective="t5", **out)
 
 
 Objective = GLMObjective | BertObjective | GPTObjective | PrefixLMObjective | T5Objective
