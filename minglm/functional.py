@@ -767,7 +767,7 @@ class FlashAttention(Function):
 ATTENTION_IMPLS = ("auto", "plain", "flash")
 
 
-def _use_flash(q, Tq: int, Tk: int, has_mask: bool, dropout_p: float, impl: str) -> bool:
+def uses_flash(q, Tq: int, Tk: int, has_mask: bool, dropout_p: float, impl: str) -> bool:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"scaled_dot_product_attention: impl must be one of {', '.join(ATTENTION_IMPLS)}, "
                          f"got {impl!r}")
@@ -809,7 +809,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, sep=None, mask
             raise ValueError(f"scaled_dot_product_attention: sep has {sep.shape[0]} entries for a batch of {B}")
         if sep.shape[0] == 1 and B > 1:
             sep = xp.broadcast_to(sep, (B,))
-    flash = _use_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl)
+    flash = uses_flash(q.data, Tq, Tk, mask is not None, dropout_p, impl)
     if flash and sep is not None and softmax_coeff is None:
         return FlashAttention.apply(q, k, v, sep, scale)
     allowed = None

@@ -215,19 +215,24 @@ class SelfAttention(Module):
             self.dense = Linear(C, C, rng, std=std / math.sqrt(2.0 * config.n_layer))  # writes into the residual
         self.dropout = Dropout(config.dropout)
 
-    def qkv(self, h: Tensor, B: int, T: int, rotary=None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, h: Tensor, B: int, T: int, rotary=None, q_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Project (N, C) to q, k, v of shape (B, nh, T, hs): strided views of the one QKV output, no copies.
 
-        ``rotary`` = (cos, sin, chunks) from ``GLM.rotary`` turns q and k by their positions (RoPE)."""
+        ``rotary`` = (cos, sin, chunks) from ``GLM.rotary`` turns q and k by their positions (RoPE).
+        ``q_start`` > 0 keeps only the queries of positions q_start..T-1: q is then (B, nh, T - q_start, hs)."""
         C = h.shape[-1]
         nh, hs = self.n_head, C // self.n_head
         qkv = self.query_key_value(h)  # (N, 3C)
         # The last dim is [q | k | v], each C wide and head-major: view it as (B, T, 3, nh, hs).
         qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs), a view
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = qkv[0, :, :, q_start:] if q_start else qkv[0]
+        k, v = qkv[1], qkv[2]
         if rotary is not None:
             cos, sin, chunks = rotary
-            q, k = F.rope(q, cos, sin, chunks), F.rope(k, cos, sin, chunks)  # (B, nh, T, hs) each
+            k = F.rope(k, cos, sin, chunks)  # (B, nh, T, hs)
+            if q_start:
+                cos, sin = cos[:, :, q_start:], sin[:, :, q_start:]
+            q = F.rope(q, cos, sin, chunks)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None) -> Tensor:
@@ -240,16 +245,34 @@ class SelfAttention(Module):
 
     def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
                 rng: np.random.Generator | None = None, rotary=None, rows=None) -> Tensor:
-        """(N, C), or (R, C) for the flat positions ``rows`` only (``GLM.forward``'s last layer)."""
+        """(N, C), or (R, C) for the flat positions ``rows`` only (``GLM.forward``'s last layer).
+
+        With ``rows`` the queries before the first of them (in every sample: Part A, for GLM's loss) are not
+        computed at all: q, its RoPE and the attention run on positions s0..T-1 only (``_first_query``)."""
         C = h.shape[-1]
-        q, k, v = self.qkv(h, B, T, rotary)  # each (B, nh, T, hs)
+        s0 = self._first_query(h, T, rows, cache)
+        q, k, v = self.qkv(h, B, T, rotary, s0)  # q (B, nh, T - s0, hs), k and v (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, Tk, hs): everything cached so far, these T included
-        y = self.attend(q, k, v, sep, layer, rng)  # (B, nh, T, hs)
-        y = y.permute(0, 2, 1, 3).reshape(B * T, C)  # (N, C): heads side by side again
+        y = self.attend(q, k, v, sep, layer, rng)  # (B, nh, T - s0, hs): queries are the last positions
+        y = y.permute(0, 2, 1, 3).reshape(B * (T - s0), C)  # heads side by side again
         if rows is not None:
+            if s0:  # flat index b·T + t of the full sequence -> b·(T − s0) + (t − s0) of the tail
+                rows = rows - (rows // T + 1) * s0
             y = y[rows]  # (R, C): the output projection works row by row
         return self.dropout(self.dense(y), rng)
+
+    def _first_query(self, h: Tensor, T: int, rows, cache) -> int:
+        """The first position whose query the rows need (the smallest t of rows = b·T + t), or 0 for all of them.
+
+        Only where nothing else changes: the plain attention (the tiled kernel wants Tq = Tk, and the queries'
+        attention dropout would draw other random numbers), no cache, and NumPy, whose rows are on the host."""
+        if rows is None or cache is not None or len(rows) == 0 or get_xp(h.data) is not np:
+            return 0
+        p = self.attn_dropout if self.training else 0.0
+        if p > 0.0 or F.uses_flash(h.data, T, T, False, p, self.attention_impl):
+            return 0
+        return int((rows % T).min())
 
     # --- the same on plain arrays, for decoding (``GLM.infer``) ---
 
