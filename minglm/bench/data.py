@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # the batches the two word-level runs train on: the default run's 32 windows of 32 word tokens, and the course
     # model's 128, half of them cut to lines (minglm/config.py, the `words` and `course` presets)
-    word_cfg = make_train_config(TRAIN_PRESETS["words"])
-    word_tok = make_tokenizer(word_cfg, corpus)
-    word_ids, _ = encode_corpus(corpus, word_tok)
+    encoded = {}  # (tokenizer, vocab size) -> the tokenizer and the encoded train documents; the presets share one
     for preset in ("words", "course"):
         cfg = make_train_config(TRAIN_PRESETS[preset])
+        key = (cfg.tokenizer, cfg.bpe_vocab)
+        if key not in encoded:
+            tok = make_tokenizer(cfg, corpus)
+            encoded[key] = tok, encode_corpus(corpus, tok)[0]
+        word_tok, word_ids = encoded[key]
         loader = BlockLoader(word_ids, word_tok, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
                              line_windows=cfg.line_windows, **objective_overrides(cfg))
         rate, T = _rate(loader, args.seconds)
