@@ -323,6 +323,20 @@ def cross_entropy_plain(logits, targets, mask=None):
     return (nll * w).sum() / max(float(w.sum()), 1.0)
 
 
+def cross_entropy_rows(z, t, probs, nll) -> None:
+    """For rows of logits z (n, V) and targets t (n,): probs = softmax(z) and nll = lse(z) − z[t], written into the
+    given buffers. The max is subtracted first, so ±1000 logits give no NaN, and nll is exact even where p_t
+    underflows to 0. ``CrossEntropy`` runs it on cache-sized pieces of rows on every core (``parallel.map_rows``):
+    the five passes over a piece stay in cache instead of going to memory and back over the whole (N, V) array."""
+    xp = get_xp(z)
+    xp.subtract(z, z.max(axis=1, keepdims=True), out=probs)  # shifted logits: max 0 per row
+    z_t = probs[xp.arange(t.size), t]  # the target's shifted logit
+    xp.exp(probs, out=probs)
+    sum_exp = probs.sum(axis=1)
+    xp.subtract(xp.log(sum_exp), z_t, out=nll)
+    probs *= (1.0 / sum_exp)[:, None]
+
+
 class CrossEntropy(Function):
     """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...), fused with the softmax
     (``cross_entropy_plain`` is the formula it is tested against).
@@ -330,7 +344,7 @@ class CrossEntropy(Function):
     loss = Σ_n m_n (lse_n − z_n[t_n]) / Σ_n m_n, with m the optional mask (docs/official-code.md §4: the sum over
     every Part-B target in the batch divided by their count, not a per-sample mean).
     Backward: dz_n = (softmax(z_n) − onehot(t_n))·m_n/Σm.
-    The softmax is computed once and reused, and the max is subtracted, so ±1000 logits give no NaN.
+    The softmax is computed once (``cross_entropy_rows``, on pieces of rows on every core) and reused.
     """
 
     @staticmethod
@@ -345,13 +359,9 @@ class CrossEntropy(Function):
         t = targets.reshape(-1).astype(np.int64, copy=False)
         if t.size and (int(t.min()) < 0 or int(t.max()) >= V):
             raise ValueError(f"cross_entropy: targets must lie in [0, {V}), got [{int(t.min())}, {int(t.max())}]")
-        rows = xp.arange(t.size)
-        probs = z - z.max(axis=1, keepdims=True)  # shifted logits, a fresh (N, V) array; max is 0 per row
-        z_t = probs[rows, t]  # the target's shifted logit
-        xp.exp(probs, out=probs)
-        sum_exp = probs.sum(axis=1)
-        nll = xp.log(sum_exp) - z_t  # lse - z_t, exact even when p_t underflows to 0
-        probs *= (1.0 / sum_exp)[:, None]  # softmax, kept for the backward
+        probs = xp.empty(z.shape, dtype=z.dtype)  # becomes the softmax, kept for the backward
+        nll = xp.empty(t.shape, dtype=z.dtype)
+        parallel.map_rows(cross_entropy_rows, z, t, probs, nll)
         if mask is None:
             weights = None
             count = float(t.size)

@@ -19,9 +19,9 @@ result does not depend on which thread ran which piece. Three details make it fa
 - Idle OpenBLAS threads spin for a while after each GEMM and would take a core from these threads; minglm shortens
   that spin when it is imported (``backend.tune_process``).
 
-Users: the plain attention and GLM-130B's FP32-softmax attention (batch elements), GeLU and LayerNorm (rows) in
-minglm/functional.py, the kernel twin (samples) in minglm/kernels/twin.py, and AdamW (slices of its flat buffer) in
-optim.py.
+Users: the plain attention and GLM-130B's FP32-softmax attention (batch elements), GeLU, LayerNorm and the
+cross-entropy's softmax (rows) in minglm/functional.py, the kernel twin (samples) in minglm/kernels/twin.py,
+and AdamW (slices of its flat buffer) in optim.py.
 
 The thread count is the BLAS thread count (so ``OMP_NUM_THREADS=2`` means 2 here too), or ``MINGLM_THREADS``.
 Without ``threadpoolctl``, or with a BLAS it cannot control, everything runs in the calling thread as before.

@@ -409,7 +409,8 @@ def test_backward_gradcheck(name, xp):
 
 
 # --- the same rows cut into pieces and run on 2 threads (minglm/parallel.py) ----------------------------------------
-PIECED = ("GeLUTanh", "LayerNormOp", "Attention", "FP32SoftmaxAttention")  # the Functions run by parallel.map_rows
+# the Functions run by parallel.map_rows
+PIECED = ("GeLUTanh", "LayerNormOp", "Attention", "FP32SoftmaxAttention", "CrossEntropy")
 
 
 @pytest.fixture
