@@ -20,7 +20,7 @@ from minglm.data import (
     place_spans,
     sentence_spans,
 )
-from minglm.data.blank import infill_rows
+from minglm.data.blank import infill_rows, part_b_orders
 from minglm.tokenizer import CLS_ID, EOP_ID, EOS_ID, GMASK_ID, MASK_ID, SMASK_ID, SOP_ID
 
 X = {i: 10 + i for i in range(1, 7)}  # x1..x6 as ids 11..16
@@ -254,9 +254,11 @@ def test_infill_rows_rejects_a_short_pad_and_no_rows():
 @given(seed=st.integers(0, 2**31), name=st.sampled_from(["glm-base", "glm-10b", "glm-doc", "t5"]),
        mode=st.sampled_from(["token", "sentence", "document"]))
 def test_make_batch_draws_as_make_sample_does(seed, name, mode):
-    """The objectives build a batch in one pass but draw from the rng exactly as sample by sample: the same seed
-    gives the same batch as collating ``make_sample``'s samples (or T5's per-sample recipe), and leaves the rng in
-    the same state, so runs trained before the one-pass build continue unchanged."""
+    """The objectives build a batch in one pass, and the batch is the samples built one by one and collated.
+    Sentence and document batches draw from the rng exactly as ``make_sample`` does, sample by sample; token-level
+    batches (and T5's) draw the whole batch's spans and Part-B orders together (``sample_batch``,
+    ``part_b_orders``), and then each sample built alone from its spans and order is its row of the batch. Both
+    leave the rng where the reference leaves it."""
     from minglm.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_texts(["abcdefghij .\n"])
@@ -267,7 +269,14 @@ def test_make_batch_draws_as_make_sample_does(seed, name, mode):
     r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
     if name == "t5":
         got = obj.make_batch(windows, r1)
-        want = collate([_t5_sample(obj, w, r2) for w in windows], objective="t5")
+        spans = obj.sampler.sample_batch(windows, r2)
+        want = collate([_t5_sample(obj, w, s) for w, s in zip(windows, spans)], objective="t5")
+    elif mode == "token":
+        got = obj.make_batch(windows, r1, mode=mode)
+        spans = obj.sampler.sample_batch(windows, r2)
+        orders = part_b_orders([len(s) for s in spans], obj.shuffle, r2)
+        want = collate([blank_infill(w, s, order=o, mask_id=obj._blank_id(mode), block_position=obj.block_position)
+                        for w, s, o in zip(windows, spans, orders)], objective=mode)
     else:
         got = obj.make_batch(windows, r1, mode=mode)
         g = draw_gmask_bound([len(w) for w in windows], r2, obj.gpt_min_ratio) if mode == "document" else None
@@ -278,11 +287,11 @@ def test_make_batch_draws_as_make_sample_does(seed, name, mode):
     assert r1.random() == r2.random()
 
 
-def _t5_sample(obj, w, rng):
-    """T5 one sample at a time, as ``T5Objective`` built it before the one-pass batch."""
+def _t5_sample(obj, w, spans):
+    """T5 one sample at a time from its spans, as ``T5Objective`` built it before the one-pass batch."""
     from minglm.data.objectives import _plain_sample
 
-    g = blank_infill(w, obj.sampler(np.asarray(w), rng), shuffle=False)
+    g = blank_infill(w, spans, shuffle=False)
     sep = g.sep
     b_in, b_tg = g.tokens[sep:].copy(), g.targets[sep:].copy()
     b_in[1:][b_in[1:] == S] = M

@@ -95,6 +95,22 @@ def part_b_order(n: int, shuffle: bool, rng) -> np.ndarray:
     return np.arange(n)
 
 
+def part_b_orders(counts, shuffle: bool, rng) -> list[np.ndarray]:
+    """``part_b_order`` of several samples with ``counts[r]`` spans each, drawn together: each row of one (R, n)
+    array of uniform draws, argsorted over its first ``counts[r]`` entries, is a uniformly random permutation, as
+    ``rng.permutation`` is (other numbers from the rng, the same distribution). Without shuffle, text order."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    n_max = int(counts.max()) if len(counts) else 0
+    col = np.arange(n_max)
+    if not shuffle or n_max <= 1:
+        return [col[:n] for n in counts.tolist()]
+    if rng is None:
+        raise ValueError("part_b_orders: pass rng (a numpy Generator) to shuffle the spans, or shuffle=False")
+    keys = np.where(col < counts[:, None], rng.random((len(counts), n_max)), 2.0)  # the unused columns sort last
+    order = np.argsort(keys, axis=1)
+    return [order[r, :n] for r, n in enumerate(counts.tolist())]  # per sample: its row's first n entries
+
+
 def infill_rows(rows, spans, orders, mask_id: int, sop_id: int = SOP_ID, eop_id: int = EOP_ID,
                 block_position: bool = True, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Part A and Part B of several samples at once, right-padded into (R, T) arrays (docs/official-code.md §2.5

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from minglm.data.batch import Batch, collate
-from minglm.data.blank import Sample, blank_infill, check_spans, gmask_prefix, infill_rows, part_b_order
+from minglm.data.blank import (
+    Sample,
+    blank_infill,
+    check_spans,
+    gmask_prefix,
+    infill_rows,
+    part_b_order,
+    part_b_orders,
+)
 from minglm.data.samplers import (
     TokenSpanSampler,
     WordSpanSampler,
@@ -160,8 +168,15 @@ class GLMObjective:
             return collate(samples, objective=mode, pad_to=pad_to)
         if mode not in ("token", "sentence"):
             raise ValueError(f"GLMObjective.make_batch: unknown mode {mode!r} (token, sentence, document)")
-        # token and sentence level: the spans and Part-B order of each window, drawn from rng in the order that
-        # make_sample draws them, then every window's tensors in one pass (blank.infill_rows)
+        if mode == "token":  # the spans and Part-B orders of every window drawn together, then the tensors in one
+            # pass (blank.infill_rows); the same distribution as make_sample's, other numbers from the rng
+            rows = [np.asarray(w, dtype=np.int64) for w in windows]
+            spans = self.sampler.sample_batch(rows, rng)
+            orders = part_b_orders([len(s) for s in spans], self.shuffle, rng)
+            out = infill_rows(rows, spans, orders, self._blank_id(mode), SOP_ID, EOP_ID, self.block_position, pad_to)
+            return Batch(objective=mode, **out)
+        # sentence level: the spans and Part-B order of each window, drawn from rng in the order that make_sample
+        # draws them, then every window's tensors in one pass (blank.infill_rows)
         rows, spans, orders = [], [], []
         for w in windows:  # per window: the draws are sequential
             w = np.asarray(w, dtype=np.int64)
@@ -283,7 +298,7 @@ class T5Objective:
 
     def make_batch(self, windows, rng, mode=None, pad_to=None) -> Batch:
         rows = [np.asarray(w, dtype=np.int64) for w in windows]
-        spans = [check_spans(self.sampler(w, rng), len(w)) for w in rows]  # per window: the draws are sequential
+        spans = self.sampler.sample_batch(rows, rng)  # the whole batch's draws together
         out = infill_rows(rows, spans, [np.arange(len(s)) for s in spans], MASK_ID, pad_to=pad_to)  # GLM, text order
         col = np.arange(out["tokens"].shape[1])  # (T,)
         sep, end = out["sep"][:, None], out["lengths"][:, None]  # (B, 1)

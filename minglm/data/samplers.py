@@ -15,6 +15,8 @@ in sample coordinates; blank.py then builds the tensors. The rules follow the of
 One deliberate difference: where the official code *drops* a sample whose spans do not fit, we *redraw* the span
 lengths and count it in `stats["resampled"]`; after `max_tries` failed draws the spans are packed into the documents
 as tightly as they fit, shortest spans first (`stats["packed"]`), and only a sample too short for that raises.
+A training batch draws the token-level spans of all its windows together (`sample_batch`): the same rules and
+distribution, other numbers from the rng, and no Python loop over windows.
 """
 
 from __future__ import annotations
@@ -139,20 +141,22 @@ class TokenSpanSampler:
         self.stats["samples"] += 1
         return self._shrinking(tokens, total, rng)
 
-    def _shrinking(self, tokens: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    def _shrinking(self, tokens: np.ndarray, total: int, rng: np.random.Generator, first_try: int = 0) -> np.ndarray:
         """``_spans``, and when even packing fails (a short window cut by documents' ends cannot hold the ratio),
-        one masked token fewer at a time, counted in ``stats["shrunk"]``: a run never dies on an unlucky window."""
+        one masked token fewer at a time, counted in ``stats["shrunk"]``: a run never dies on an unlucky window.
+        ``first_try``: the tries already made for this total elsewhere (``sample_batch``)."""
         while True:
             try:
-                return self._spans(tokens, total, rng)
+                return self._spans(tokens, total, rng, first_try)
             except ValueError:
+                first_try = 0
                 if total <= 1:
                     raise
                 total -= 1
                 self.stats["shrunk"] = self.stats.get("shrunk", 0) + 1
 
-    def _spans(self, tokens: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
-        for attempt in range(self.max_tries + 1):
+    def _spans(self, tokens: np.ndarray, total: int, rng: np.random.Generator, first_try: int = 0) -> np.ndarray:
+        for attempt in range(first_try, self.max_tries + 1):
             lengths = draw_span_lengths(total, rng, self.cdf)
             pack = attempt == self.max_tries
             if pack:  # last resort: small spans first, so they fill the small documents
@@ -166,6 +170,66 @@ class TokenSpanSampler:
         raise ValueError(f"TokenSpanSampler: cannot place {total} masked tokens in a sample of length {len(tokens)} "
                          f"with documents {split_documents(tokens, self.cls_id, self.eos_id)}; use longer documents "
                          "or a shorter sequence length")
+
+    def sample_batch(self, samples: list, rng: np.random.Generator) -> list[np.ndarray]:
+        """``self(s, rng)`` for every sample of a batch, with the draws of the whole batch made together.
+
+        The rules, and so the distribution of the spans, are ``__call__``'s; the draws are not the same numbers,
+        since they come from the rng in another order. A sample with one document (no ``<eos>`` before its last
+        token: every window of a long text but the few that cross a document's end) gets its span lengths from one
+        (B, n) array of draws and their places from another, with no Python loop over samples; the samples whose
+        lengths did not fit draw again together (counted as resamples, as ``_spans`` counts them), up to
+        ``max_tries`` times. A sample with several documents, or still without spans, then goes through
+        ``_shrinking`` one by one, after the batch's draws.
+        """
+        samples = [np.asarray(x) for x in samples]
+        self.stats["samples"] += len(samples)
+        return self._batch_spans(samples, rng)
+
+    def _batch_spans(self, samples: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        B = len(samples)
+        if not B:
+            return []
+        size = np.fromiter(map(len, samples), dtype=np.int64, count=B)  # (B,)
+        total = (self.ratio * size).astype(np.int64)  # int(ratio * len), as __call__ rounds it
+        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
+        begin = np.cumsum(size) - size  # (B,) where each sample starts in `flat`
+        eos = np.flatnonzero(flat == self.eos_id)
+        owner = np.searchsorted(begin, eos, side="right") - 1  # the sample of each <eos>
+        several = np.zeros(B, dtype=bool)
+        several[owner[eos != begin[owner] + size[owner] - 1]] = True  # an <eos> before the sample's last token
+        one = np.flatnonzero((size >= 2) & ~several)  # (F,) one-document samples, drawn together
+        offset = (flat[begin[one]] == self.cls_id).astype(np.int64)  # the document starts after a leading [CLS]
+        doc_len = size[one] - offset - 1  # and never covers the sample's last token (split_documents)
+        out: list = [None] * B
+        tried = np.zeros(B, dtype=np.int64)  # the batched tries each sample has had
+        for _ in range(self.max_tries):  # _spans' tries, each one for all the samples still without spans
+            if not len(one):
+                break
+            t = total[one]
+            n_max = max(int(t.max()), 1)  # every length is >= 1, so `total` draws always reach `total`
+            col = np.arange(n_max)
+            lens = np.searchsorted(self.cdf, rng.random((len(one), n_max)), side="right") + 1  # (F, n_max)
+            csum = np.cumsum(lens, axis=1)
+            n = np.where(t > 0, np.argmax(csum >= t[:, None], axis=1) + 1, 0)  # spans until the sum reaches t
+            used = col < n[:, None]  # (F, n_max)
+            used_sum = np.where(used, csum, 0).max(axis=1)
+            fits = used_sum + n - 1 <= doc_len  # with one token between spans (place_spans, a last document)
+            room = np.where(fits, doc_len - used_sum - n + 1, 0)  # sample_spans' m
+            places = rng.integers(0, room[:, None] + 1, size=(len(one), n_max))  # uniform in 0..m
+            places = np.sort(np.where(used, places, 1 << 40), axis=1)  # the unused columns sort last
+            starts = offset[:, None] + places + csum - lens + col  # place_i + sum_{j<i} (len_j + 1)
+            keep = used & fits[:, None]
+            spans = np.split(np.stack([starts[keep], (starts + lens)[keep]], axis=1), np.cumsum(n[fits])[:-1])
+            for i, sp in zip(one[fits].tolist(), spans):  # per sample: hands each its rows of the flat result
+                out[i] = sp
+            self.stats["resampled"] += int((~fits).sum())
+            one, offset, doc_len = one[~fits], offset[~fits], doc_len[~fits]
+            tried[one] += 1
+        for i in range(B):  # the rest one by one, as __call__ draws them (after max_tries, its try that packs)
+            if out[i] is None:
+                out[i] = self._shrinking(samples[i], int(total[i]), rng, int(tried[i]))
+        return out
 
 
 def word_edge_tables(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,6 +287,46 @@ class WordSpanSampler(TokenSpanSampler):
             unit_spans = np.stack([a[keep], b[keep]], axis=1)
         bounds = np.append(offsets, len(tokens))
         return np.stack([bounds[unit_spans[:, 0]], bounds[unit_spans[:, 1]]], axis=1)
+
+    def sample_batch(self, samples: list, rng: np.random.Generator) -> list[np.ndarray]:
+        """``self(s, rng)`` for every sample, the batch's draws made together (``TokenSpanSampler.sample_batch``),
+        and the units and the trimming to words done on all samples at once: the samples laid back to back, with
+        a unit boundary forced where each begins, are one token sequence for the same array code as ``__call__``.
+        A trimmed span cannot reach into a neighbouring sample: it would have no word inside its own sample,
+        and such a span is dropped there too."""
+        samples = [np.asarray(x) for x in samples]
+        B = len(samples)
+        if not B:
+            return []
+        self.stats["samples"] += B
+        size = np.fromiter(map(len, samples), dtype=np.int64, count=B)
+        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
+        begin = np.cumsum(size) - size
+        starts = np.ones(len(flat), dtype=bool)
+        starts[1:] = ~(self.first_letter[flat[1:]] & self.joins_word[flat[:-1]])
+        starts[begin[size > 0]] = True  # no unit runs on from one sample into the next
+        offsets = np.flatnonzero(starts)  # (U,) the first token of each unit, in `flat`
+        n_units = np.bincount(np.searchsorted(begin, offsets, side="right") - 1, minlength=B)
+        unit_begin = np.cumsum(n_units) - n_units  # (B,) each sample's first unit
+        unit_spans = self._batch_spans(np.split(flat[offsets], unit_begin[1:]), rng)  # per sample, in its units
+        counts = np.fromiter(map(len, unit_spans), dtype=np.int64, count=B)
+        owner = np.repeat(np.arange(B), counts)  # (N,) the sample of each span
+        us = np.concatenate(unit_spans).reshape(-1, 2) + unit_begin[owner][:, None]  # (N, 2) in all units
+        length = np.diff(np.append(offsets, len(flat)))
+        word = self.has_letter[flat[offsets]] | (length > 1)
+        if self.known_only:
+            word = self.has_letter[flat[offsets]] & (length == 1)
+        idx = np.arange(len(offsets))
+        next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]
+        prev_word = np.maximum.accumulate(np.where(word, idx, -1))
+        a, b = next_word[us[:, 0]], prev_word[us[:, 1] - 1] + 1
+        keep = a < b
+        trimmed = np.bincount(owner[keep], minlength=B)[owner] > 0  # a sample keeps its spans whole if none has a word
+        sel = keep | ~trimmed
+        a, b, owner = np.where(trimmed, a, us[:, 0])[sel], np.where(trimmed, b, us[:, 1])[sel], owner[sel]
+        bounds = np.append(offsets, len(flat))
+        spans = np.stack([bounds[a], bounds[b]], axis=1) - begin[owner][:, None]
+        return np.split(spans, np.cumsum(np.bincount(owner, minlength=B))[:-1])
 
 
 def sentence_end_table(tokenizer, chars: str = SENTENCE_END_CHARS) -> np.ndarray:
