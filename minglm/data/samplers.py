@@ -266,39 +266,27 @@ class WordSpanSampler(TokenSpanSampler):
         self.known_only = known_only  # spans start and end only at words the vocabulary holds as one token
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        starts = np.ones(len(tokens), dtype=bool)
-        starts[1:] = ~(self.first_letter[tokens[1:]] & self.joins_word[tokens[:-1]])
-        offsets = np.flatnonzero(starts)  # (U,) the first token of each unit
-        unit_spans = super().__call__(tokens[offsets], rng)  # specials are units of their own: documents survive
-        if not len(unit_spans):
-            return unit_spans
-        # a word unit holds a letter: a first token with one, or more than one token (letters joined on)
-        length = np.diff(np.append(offsets, len(tokens)))
-        word = self.has_letter[tokens[offsets]] | (length > 1)  # (U,)
-        if self.known_only:  # a word spelled in pieces or bytes is never a span's first or last word
-            word = self.has_letter[tokens[offsets]] & (length == 1)
-        idx = np.arange(len(offsets))
-        next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]  # first word unit >= i
-        prev_word = np.maximum.accumulate(np.where(word, idx, -1))  # last word unit <= i
-        a, b = next_word[unit_spans[:, 0]], prev_word[unit_spans[:, 1] - 1] + 1
-        keep = a < b
-        if keep.any():
-            unit_spans = np.stack([a[keep], b[keep]], axis=1)
-        bounds = np.append(offsets, len(tokens))
-        return np.stack([bounds[unit_spans[:, 0]], bounds[unit_spans[:, 1]]], axis=1)
+        # specials are units of their own, so the documents survive in the units; the draws are TokenSpanSampler's
+        draw = super().__call__
+        return self._words([np.asarray(tokens)], lambda units: [draw(units[0], rng)])[0]
 
     def sample_batch(self, samples: list, rng: np.random.Generator) -> list[np.ndarray]:
         """``self(s, rng)`` for every sample, the batch's draws made together (``TokenSpanSampler.sample_batch``),
-        and the units and the trimming to words done on all samples at once: the samples laid back to back, with
-        a unit boundary forced where each begins, are one token sequence for the same array code as ``__call__``.
-        A trimmed span cannot reach into a neighbouring sample: it would have no word inside its own sample,
-        and such a span is dropped there too."""
+        and the units and the trimming to words done on all samples at once (``_words``)."""
         samples = [np.asarray(x) for x in samples]
+        self.stats["samples"] += len(samples)
+        return self._words(samples, lambda units: self._batch_spans(units, rng))
+
+    def _words(self, samples: list[np.ndarray], draw) -> list[np.ndarray]:
+        """Cut each sample into units, ``draw(list of each sample's unit tokens)`` -> each sample's unit spans, then
+        trim every span to start and end with a word and return it in token positions, one (n, 2) array a sample.
+
+        The samples are laid back to back, with a unit boundary forced where each begins, and treated as one token
+        sequence. A trimmed span cannot reach into a neighbouring sample: it would have no word inside its own
+        sample, and such a span is dropped. A sample keeps its spans untrimmed when none of them holds a word."""
         B = len(samples)
         if not B:
             return []
-        self.stats["samples"] += B
         size = np.fromiter(map(len, samples), dtype=np.int64, count=B)
         flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
         begin = np.cumsum(size) - size
@@ -308,20 +296,21 @@ class WordSpanSampler(TokenSpanSampler):
         offsets = np.flatnonzero(starts)  # (U,) the first token of each unit, in `flat`
         n_units = np.bincount(np.searchsorted(begin, offsets, side="right") - 1, minlength=B)
         unit_begin = np.cumsum(n_units) - n_units  # (B,) each sample's first unit
-        unit_spans = self._batch_spans(np.split(flat[offsets], unit_begin[1:]), rng)  # per sample, in its units
+        unit_spans = draw(np.split(flat[offsets], unit_begin[1:]))  # per sample, in its own units
         counts = np.fromiter(map(len, unit_spans), dtype=np.int64, count=B)
         owner = np.repeat(np.arange(B), counts)  # (N,) the sample of each span
         us = np.concatenate(unit_spans).reshape(-1, 2) + unit_begin[owner][:, None]  # (N, 2) in all units
+        # a word unit holds a letter: a first token with one, or more than one token (letters joined on)
         length = np.diff(np.append(offsets, len(flat)))
-        word = self.has_letter[flat[offsets]] | (length > 1)
-        if self.known_only:
+        word = self.has_letter[flat[offsets]] | (length > 1)  # (U,)
+        if self.known_only:  # a word spelled in pieces or bytes is never a span's first or last word
             word = self.has_letter[flat[offsets]] & (length == 1)
         idx = np.arange(len(offsets))
-        next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]
-        prev_word = np.maximum.accumulate(np.where(word, idx, -1))
+        next_word = np.minimum.accumulate(np.where(word, idx, len(idx))[::-1])[::-1]  # first word unit >= i
+        prev_word = np.maximum.accumulate(np.where(word, idx, -1))  # last word unit <= i
         a, b = next_word[us[:, 0]], prev_word[us[:, 1] - 1] + 1
         keep = a < b
-        trimmed = np.bincount(owner[keep], minlength=B)[owner] > 0  # a sample keeps its spans whole if none has a word
+        trimmed = np.bincount(owner[keep], minlength=B)[owner] > 0  # does the span's sample keep a trimmed span?
         sel = keep | ~trimmed
         a, b, owner = np.where(trimmed, a, us[:, 0])[sel], np.where(trimmed, b, us[:, 1])[sel], owner[sel]
         bounds = np.append(offsets, len(flat))
