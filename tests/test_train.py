@@ -57,8 +57,8 @@ def test_the_default_run_is_the_words_recipe(corpus_dir, tmp_path):
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     assert config["preset"] == "words" and config["model"]["position"] == "rope1d"
     train = config["train"]
-    assert (train["tokenizer"], train["span_unit"], train["window_start"], train["seq_len"]) == (
-        "word", "known_word", "sentence", 32)
+    assert (train["tokenizer"], train["span_unit"], train["window_start"], train["seq_len"], train["bpe_vocab"]) == (
+        "word", "known_word", "sentence", 32, 2048)
     assert json.loads((tmp_path / "w" / "tokenizer.json").read_text())["type"] == "word"
     assert "fill_eval" in json.loads((tmp_path / "w" / "summary.json").read_text())
 
