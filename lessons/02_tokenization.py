@@ -175,8 +175,9 @@ for size, r in zip(sizes, per_char):
 # The lessons' own quick runs train on characters (`--config tiny`) because a tiny model learns a 90-id vocabulary
 # in a minute, and any stretch of text can be blanked. A character model's fills, though, are spelled a letter at a
 # time and come out as `the`, `there`, `the the`. So `python -m minglm train` with no arguments and the bundled
-# course model that lessons 7 and 10 load use **whole words** (`WordTokenizer`, 4,096 ids): a blank over a common
-# word is one token and `<eop>`, and the model chooses a word instead of spelling one (the README, "What was tried").
+# course model that lessons 7 and 10 load use **whole words** (`WordTokenizer`, 2,048 and 4,096 ids): a blank over a
+# common word is one token and `<eop>`, and the model chooses a word instead of spelling one (the README, "What was
+# tried").
 #
 # ## Summary
 #
