@@ -49,6 +49,8 @@ class TrainConfig:
     # a text given to fill; "any" tiles the stream without overlap (minglm.data.loader.make_windows)
     line_windows: float = 0.0  # share of the training windows cut to their first line or lines and closed with
     # <eos> (minglm.data.loader.cut_to_lines), so the model also sees the short [CLS] text <eos> that fill is given
+    all_words: float = 0.0  # share of token-level batches with every word a blank and Part A whole (a deviation
+    # from GLM: GLMObjective.all_words; it needs a one-layer model with hide_own_token, README round 11)
     tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
     # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
     bpe_vocab: int = 4096  # ids of the bpe or word tokenizer, specials and the 256 bytes included
@@ -121,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eps must be positive, got {self.eps!r}")
         if not self.span_lambda > 0 or self.span_lambda == float("inf"):
             raise ValueError(f"TrainConfig.span_lambda must be a finite number > 0, got {self.span_lambda!r}")
+        if not 0.0 <= self.all_words <= 1.0:
+            raise ValueError(f"TrainConfig.all_words must be in [0, 1], got {self.all_words!r}")
         if not 0.0 <= self.line_windows <= 1.0:
             raise ValueError(f"TrainConfig.line_windows must be in [0, 1], got {self.line_windows!r}")
         if self.window_start not in ("any", "sentence"):
@@ -163,8 +167,8 @@ TRAIN_PRESETS = {
     # line or a few (README, "What was tried", round 4: the one line fill is given stopped looking like nothing
     # it had trained on; round 5: tokens, not layers; round 6: 12,000 steps rather than 8,000 or a second layer,
     # and the default's short spans)
-    "course": dict(_WORD_RECIPE, line_windows=0.5, batch_size=128, steps=12000, eval_every=1000, ckpt_every=1000,
-                   time_limit=3300.0),
+    "course": dict(_WORD_RECIPE, line_windows=0.5, all_words=0.9, batch_size=128, steps=12000, eval_every=1000,
+                   ckpt_every=1000, time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=240.0),
 }

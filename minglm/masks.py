@@ -32,3 +32,17 @@ def glm_mask(xp, sep, Tq: int, Tk: int | None = None, lengths=None):
     if lengths is not None:
         mask = mask & (q < xp.asarray(lengths).reshape(-1, 1, 1, 1))
     return mask
+
+
+def own_token_mask(xp, pos_q, block_q, pos_k, block_k):
+    """(B, 1, Tq, Tk) bools, False where a Part-B query (block id > 0) meets the Part-A key (block id 0) at its own
+    position id, True everywhere else: ``GLMConfig.hide_own_token``, a deviation from GLM.
+
+    A Part-B token sits at the position of the blank it fills, so the key it loses is that blank's slot in Part A.
+    ``pos_q``, ``block_q`` (B, Tq) are the queries' position and block ids; ``pos_k``, ``block_k`` (B, Tk) the keys'
+    (with a cache, everything cached so far). Combine it with ``glm_mask`` by ``&``.
+    """
+    pos_q, block_q = xp.asarray(pos_q), xp.asarray(block_q)
+    pos_k, block_k = xp.asarray(pos_k), xp.asarray(block_k)
+    hidden = (block_q[:, :, None] > 0) & (block_k[:, None, :] == 0) & (pos_q[:, :, None] == pos_k[:, None, :])
+    return ~hidden[:, None]  # (B, 1, Tq, Tk)

@@ -39,7 +39,7 @@ import numpy as np
 
 import minglm.functional as F
 from minglm.backend import get_xp, to_device, to_numpy
-from minglm.masks import glm_mask
+from minglm.masks import glm_mask, own_token_mask
 from minglm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from minglm.tensor import Tensor, no_grad
 
@@ -72,6 +72,10 @@ class GLMConfig:
     # kernels.TWIN_MIN_T tokens on, else the plain path; plain | flash force one. The train command takes its default
     # from MINGLM_ATTENTION, once; nothing reads the environment while the model runs.
     attention: str = "auto"
+    # A deviation from GLM for a one-layer model (README, "What was tried", round 11): a Part-B token never attends
+    # to the Part-A token at its own position id, the slot of the blank it fills (masks.own_token_mask). Part A may
+    # then keep the words it asks for, and every word of a window can be a blank at once (TrainConfig.all_words)
+    hide_own_token: bool = False
 
     SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu"),
                 "gmask_positions": ("blank", "continue"), "attention": F.ATTENTION_IMPLS}
@@ -112,8 +116,9 @@ class GLMConfig:
         if not 0.0 <= self.embedding_grad_scale <= 1.0:
             raise ValueError(f"GLMConfig.embedding_grad_scale must be in [0, 1] (1 = off), got "
                              f"{self.embedding_grad_scale!r}")
-        if not isinstance(self.softmax_scaling, bool | np.bool_):
-            raise ValueError(f"GLMConfig.softmax_scaling must be True or False, got {self.softmax_scaling!r}")
+        for name in ("softmax_scaling", "hide_own_token"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(f"GLMConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def head_size(self) -> int:
@@ -144,7 +149,8 @@ class GLMConfig:
         # heads in ONE layer, with 1-D RoPE, on whole-word tokens (0.72 M parameters, 2.9 MB). In these CPU budgets
         # a step of fewer layers buys more tokens than depth buys per token (README, "What was tried", round 5)
         "words": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
-        "course": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
+        "course": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d",
+                       hide_own_token=True),
         # tiny's size with GLM-130B's recipe (its data mixture is the glm-130b training preset, minglm/config.py)
         "glm-130b": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128, position="rope1d",
                          gmask_positions="continue", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1,
@@ -187,7 +193,8 @@ class GLMConfig:
         return cls(**d)
 
 
-_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "gmask_positions", "attention")
+_SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "gmask_positions", "attention",
+                  "hide_own_token")
 GMASK_ID = 4  # the id of [gMASK] in minglm's tokenizers (tokenizer.GMASK_ID, one layer up; a test keeps them equal)
 
 
@@ -235,26 +242,30 @@ class SelfAttention(Module):
             q = F.rope(q, cos, sin, chunks)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None) -> Tensor:
-        """softmax(q kᵀ/√hs) v with GLM's mask: (B, nh, T, hs). ``minglm/prefix.py`` overrides it to put trained
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None, own=None) -> Tensor:
+        """softmax(q kᵀ/√hs) v with GLM's mask, and ``own`` (B, 1, Tq, Tk) from ``masks.own_token_mask`` when the
+        model hides each Part-B token's own slot: (B, nh, T, hs). ``minglm/prefix.py`` overrides it to put trained
         keys and values in front."""
         p = self.attn_dropout if self.training else 0.0
         coeff = layer + 1 if self.softmax_scaling else None  # GLM-130B: c = layer + 1
-        return F.scaled_dot_product_attention(q, k, v, sep=sep, dropout_p=p, rng=rng, impl=self.attention_impl,
-                                              softmax_coeff=coeff)
+        return F.scaled_dot_product_attention(q, k, v, sep=sep, mask=own, dropout_p=p, rng=rng,
+                                              impl=self.attention_impl, softmax_coeff=coeff)
 
     def forward(self, h: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None, rotary=None, rows=None) -> Tensor:
+                rng: np.random.Generator | None = None, rotary=None, rows=None, own=None) -> Tensor:
         """(N, C), or (R, C) for the flat positions ``rows`` only (``GLM.forward``'s last layer).
 
         With ``rows`` the queries before the first of them (in every sample: Part A, for GLM's loss) are not
-        computed at all: q, its RoPE and the attention run on positions s0..T-1 only (``_first_query``)."""
+        computed at all: q, its RoPE and the attention run on positions s0..T-1 only (``_first_query``).
+        ``own``: the (B, 1, T, Tk) mask of ``GLMConfig.hide_own_token``, or None."""
         C = h.shape[-1]
-        s0 = self._first_query(h, T, rows, cache)
+        s0 = self._first_query(h, T, rows, cache, own is not None)
         q, k, v = self.qkv(h, B, T, rotary, s0)  # q (B, nh, T - s0, hs), k and v (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, Tk, hs): everything cached so far, these T included
-        y = self.attend(q, k, v, sep, layer, rng)  # (B, nh, T - s0, hs): queries are the last positions
+        if own is not None and s0:
+            own = own[:, :, s0:]  # the queries' rows
+        y = self.attend(q, k, v, sep, layer, rng, own)  # (B, nh, T - s0, hs): queries are the last positions
         y = y.permute(0, 2, 1, 3).reshape(B * (T - s0), C)  # heads side by side again
         if rows is not None:
             if s0:  # flat index b·T + t of the full sequence -> b·(T − s0) + (t − s0) of the tail
@@ -262,7 +273,7 @@ class SelfAttention(Module):
             y = y[rows]  # (R, C): the output projection works row by row
         return self.dropout(self.dense(y), rng)
 
-    def _first_query(self, h: Tensor, T: int, rows, cache) -> int:
+    def _first_query(self, h: Tensor, T: int, rows, cache, masked: bool = False) -> int:
         """The first position whose query the rows need (the smallest t of rows = b·T + t), or 0 for all of them.
 
         Only where nothing else changes: the plain attention (the tiled kernel wants Tq = Tk, and the queries'
@@ -270,13 +281,13 @@ class SelfAttention(Module):
         if rows is None or cache is not None or len(rows) == 0 or get_xp(h.data) is not np:
             return 0
         p = self.attn_dropout if self.training else 0.0
-        if p > 0.0 or F.uses_flash(h.data, T, T, False, p, self.attention_impl):
+        if p > 0.0 or F.uses_flash(h.data, T, T, masked, p, self.attention_impl):
             return 0
         return int((rows % T).min())
 
     # --- the same on plain arrays, for decoding (``GLM.infer``) ---
 
-    def attend_array(self, q, k, v, sep, layer: int):
+    def attend_array(self, q, k, v, sep, layer: int, own=None):
         """``attend`` on arrays, no dropout: q (B, nh, Tq, hs) against the Tk cached keys and values."""
         xp = get_xp(q)
         Tq, Tk = q.shape[2], k.shape[2]
@@ -287,9 +298,11 @@ class SelfAttention(Module):
             s *= c
         if Tq > 1:  # one new token sees everything cached; several must not see the later ones among them
             s = xp.where(glm_mask(xp, sep, Tq, Tk), s, -np.inf)
+        if own is not None:  # GLMConfig.hide_own_token
+            s = xp.where(own, s, -np.inf)
         return F.softmax_array(s, -1) @ v  # (B, nh, Tq, hs)
 
-    def infer(self, h, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None):
+    def infer(self, h, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None, own=None):
         """``forward`` on a plain (N, C) array: the new keys and values go into ``cache``. Returns (N, C)."""
         C = h.shape[-1]
         nh, hs = self.n_head, C // self.n_head
@@ -300,7 +313,7 @@ class SelfAttention(Module):
             q, k = F.rope_array(q, cos, sin, chunks), F.rope_array(k, cos, sin, chunks)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, Tk, hs)
-        y = self.attend_array(q, k, v, sep, layer)  # (B, nh, T, hs)
+        y = self.attend_array(q, k, v, sep, layer, own)  # (B, nh, T, hs)
         return self.dense.infer(y.transpose(0, 2, 1, 3).reshape(B * T, C))  # (N, C)
 
 
@@ -352,27 +365,27 @@ class Block(Module):
         self.mlp = MLP(config, rng)
 
     def forward(self, x: Tensor, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None,
-                rng: np.random.Generator | None = None, rotary=None, rows=None) -> Tensor:
+                rng: np.random.Generator | None = None, rotary=None, rows=None, own=None) -> Tensor:
         """(N, C); with ``rows`` (R,) flat positions, only those rows leave the layer, (R, C). Every position still
         gives its key and value, but after attention each row is computed on its own (the projection, the
         residual, the LayerNorm and the MLP), so the last layer need not compute the rows no loss reads."""
         if self.alpha is not None:  # DeepNorm
             a = self.input_layernorm(x)  # (N, C)
-            att = self.attention(a, B, T, sep, layer, cache, rng, rotary, rows)
+            att = self.attention(a, B, T, sep, layer, cache, rng, rotary, rows, own)
             m = self.post_attention_layernorm((a if rows is None else a[rows]) * self.alpha + att)
             return m * self.alpha + self.mlp(m, rng)  # (N, C) or (R, C)
-        att = self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng, rotary, rows)  # (N or R, C)
+        att = self.attention(self.input_layernorm(x), B, T, sep, layer, cache, rng, rotary, rows, own)  # (N|R, C)
         x = (x if rows is None else x[rows]) + att
         return x + self.mlp(self.post_attention_layernorm(x), rng)  # (N, C) or (R, C)
 
-    def infer(self, x, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None):
+    def infer(self, x, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None, own=None):
         """``forward`` on a plain (N, C) array (which it may overwrite), no dropout."""
         if self.alpha is not None:  # DeepNorm
             a = self.input_layernorm.infer(x)
             m = self.post_attention_layernorm.infer(a * self.alpha + self.attention.infer(a, B, T, sep, layer, cache,
-                                                                                          rotary))
+                                                                                          rotary, own))
             return m * self.alpha + self.mlp.infer(m)
-        x += self.attention.infer(self.input_layernorm.infer(x), B, T, sep, layer, cache, rotary)
+        x += self.attention.infer(self.input_layernorm.infer(x), B, T, sep, layer, cache, rotary, own)
         x += self.mlp.infer(self.post_attention_layernorm.infer(x))
         return x
 
@@ -463,6 +476,17 @@ class GLM(Module):
         cos, sin = F.rotary_tables(ids, self.config.head_size, self.word_embeddings.weight.dtype)
         return cos, sin, len(ids)
 
+    def own_mask(self, position_ids, block_position_ids, cache: KVCache | None = None):
+        """``masks.own_token_mask`` (B, 1, T, Tk) of the queries against every key (those in the ``cache`` too,
+        whose ids are written before this is called) when ``config.hide_own_token``; else None."""
+        if not self.config.hide_own_token:
+            return None
+        xp = get_xp(position_ids)
+        if cache is None:
+            return own_token_mask(xp, position_ids, block_position_ids, position_ids, block_position_ids)
+        end = cache.length + position_ids.shape[1]
+        return own_token_mask(xp, position_ids, block_position_ids, cache.positions[:, :end], cache.blocks[:, :end])
+
     def forward(self, tokens, position_ids, block_position_ids, sep, cache: KVCache | None = None,
                 rng: np.random.Generator | None = None, rows=None) -> Tensor:
         """Logits (B, T, V) for int arrays tokens / position_ids / block_position_ids (B, T) and sep (B,).
@@ -482,12 +506,13 @@ class GLM(Module):
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids, rng)  # (N, C)
         if cache is not None:
-            cache.write_tokens(tokens)
+            cache.write_ids(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)  # None, or (B, 1, T, hs) tables
+        own = self.own_mask(position_ids, block_position_ids, cache)  # None, or (B, 1, T, Tk)
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
             # the last layer computes only the rows asked for (R, C): past its attention, every op is row by row
-            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None)  # (N, C); last: (R, C)
+            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None, own)  # (N, C); last: (R, C)
         if cache is not None:
             cache.length += T
         if rows is not None:
@@ -516,10 +541,11 @@ class GLM(Module):
             x += self.position_embeddings.infer(position_ids.reshape(-1))
             x += self.block_position_embeddings.infer(block_position_ids.reshape(-1))
         if cache is not None:
-            cache.write_tokens(tokens)
+            cache.write_ids(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)
+        own = self.own_mask(position_ids, block_position_ids, cache)
         for i, block in enumerate(self.layers):
-            x = block.infer(x, B, T, sep, i, cache, rotary)  # (N, C)
+            x = block.infer(x, B, T, sep, i, cache, rotary, own)  # (N, C)
         if cache is not None:
             cache.length += T
         x = self.final_layernorm.infer(x)  # (N, C)
@@ -536,13 +562,15 @@ class GLM(Module):
         B, T = tokens.shape
         x = self.embed(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens)
+        own = self.own_mask(position_ids, block_position_ids)
         for i in range(layer):
-            x = self.layers[i](x, B, T, sep, i, rotary=rotary)  # (N, C)
+            x = self.layers[i](x, B, T, sep, i, rotary=rotary, own=own)  # (N, C)
         attn = self.layers[layer].attention
         q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T, rotary)
         xp = get_xp(q.data)
         s = (q.data @ xp.swapaxes(k.data, -1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
-        s = xp.where(glm_mask(xp, sep, T, T), s, -np.inf)
+        allowed = glm_mask(xp, sep, T, T)
+        s = xp.where(allowed if own is None else allowed & own, s, -np.inf)
         return to_numpy(F.softmax(Tensor._wrap(s, False), axis=-1).data)
 
 
@@ -586,11 +614,17 @@ class KVCache:
         self.k = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
         self.v = xp.zeros(shape, dtype=dtype)  # (L, B, nh, capacity, hs)
         self.tokens = xp.zeros((batch_size, capacity), dtype=np.int64)  # (B, capacity): the ids fed so far
+        self.positions = xp.zeros((batch_size, capacity), dtype=np.int64)  # and their position ids
+        self.blocks = xp.zeros((batch_size, capacity), dtype=np.int64)  # and their block ids
         self.batch_size, self.capacity, self.length = batch_size, capacity, 0  # capacity: positions, not a position id
 
-    def write_tokens(self, tokens) -> None:
-        """Record the new (B, T) token ids after the cached ones (a [gMASK] fill under 1-D RoPE looks its blank up)."""
-        self.tokens[:, self.length:self.length + tokens.shape[1]] = tokens
+    def write_ids(self, tokens, position_ids, block_position_ids) -> None:
+        """Record the new (B, T) token, position and block ids after the cached ones (a [gMASK] fill under 1-D RoPE
+        looks its blank up; ``GLMConfig.hide_own_token`` finds each Part-B token's slot)."""
+        end = self.length + tokens.shape[1]
+        self.tokens[:, self.length:end] = tokens
+        self.positions[:, self.length:end] = position_ids
+        self.blocks[:, self.length:end] = block_position_ids
 
     def write(self, layer: int, k, v):
         """Write the new (B, nh, T, hs) key/value arrays after the cached ones; return all of them, (B, nh, Tk, hs)

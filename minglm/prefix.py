@@ -49,21 +49,28 @@ class PrefixSelfAttention(SelfAttention):
     def length(self) -> int:
         return self.prefix_key.shape[1]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, sep, layer: int, rng=None, own=None) -> Tensor:
         B = q.shape[0]
         xp = get_xp(q.data)
         batch = Tensor._wrap(xp.zeros((B, 1, 1, 1), dtype=q.dtype), False)  # broadcasts the prefix over the batch
         k = F.concat([self.prefix_key[None] + batch, k], axis=2)  # (B, nh, P + Tk, hs)
         v = F.concat([self.prefix_value[None] + batch, v], axis=2)
-        return super().attend(q, k, v, sep + self.length, layer, rng)  # the prefix is Part A: all queries see it
+        # the prefix is Part A: all queries see it
+        return super().attend(q, k, v, sep + self.length, layer, rng, self._see_prefix(xp, own))
 
-    def attend_array(self, q, k, v, sep, layer: int):
+    def attend_array(self, q, k, v, sep, layer: int, own=None):
         """``attend`` on plain arrays (decoding through ``GLM.infer``): the same prefix in front."""
         xp = get_xp(q)
         shape = (q.shape[0],) + self.prefix_key.shape  # (B, nh, P, hs)
         k = xp.concatenate([xp.broadcast_to(self.prefix_key.data, shape), k], axis=2)
         v = xp.concatenate([xp.broadcast_to(self.prefix_value.data, shape), v], axis=2)
-        return super().attend_array(q, k, v, sep + self.length, layer)
+        return super().attend_array(q, k, v, sep + self.length, layer, self._see_prefix(xp, own))
+
+    def _see_prefix(self, xp, own):
+        """``own`` (B, 1, Tq, Tk) with the prefix's P columns in front, all visible; None stays None."""
+        if own is None:
+            return None
+        return xp.concatenate([xp.ones(own.shape[:3] + (self.length,), dtype=bool), own], axis=-1)
 
     def extra_repr(self) -> str:
         return f"prefix={self.length}"

@@ -203,12 +203,14 @@ def make_tokenizer(cfg: TrainConfig, corpus):
 def objective_overrides(cfg: TrainConfig) -> dict:
     """Data settings from the config that the loader and the objective take (mask_ratio: the GLM mixtures and BERT
     only; window_start: every objective). ``line_windows`` is not among them: only the training loader cuts windows
-    to lines, while validation and the unigram baseline read whole windows, comparable between runs."""
+    to lines, while validation and the unigram baseline read whole windows, comparable between runs. ``all_words``
+    is: it changes what the model is asked, so validation asks the same."""
     windows = {"window_start": cfg.window_start}
     if cfg.objective in GLM_PRESETS:
-        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda, **windows}
-    if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda:
-        raise ValueError("TrainConfig.span_unit and span_lambda apply to the glm-* objectives only")
+        return {"mask_ratio": cfg.mask_ratio, "span_unit": cfg.span_unit, "span_lambda": cfg.span_lambda,
+                "all_words": cfg.all_words, **windows}
+    if cfg.span_unit != "token" or cfg.span_lambda != TrainConfig.span_lambda or cfg.all_words:
+        raise ValueError("TrainConfig.span_unit, span_lambda and all_words apply to the glm-* objectives only")
     if cfg.objective == "bert":
         return {"mask_ratio": cfg.mask_ratio, **windows}
     if cfg.mask_ratio != TrainConfig.mask_ratio:

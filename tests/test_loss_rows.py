@@ -16,9 +16,10 @@ TEXT = "the quality of mercy is not strained it droppeth as the gentle rain from
 
 @pytest.mark.parametrize("switches", [{}, {"norm": "deepnorm"}, {"position": "rope1d", "ffn": "geglu"},
                                       {"n_layer": 1, "position": "rope1d"}, {"softmax_scaling": True},
-                                      {"position": "rope2d"}, {"prefix": 3}, {"prefix": 2, "position": "rope1d"}],
+                                      {"position": "rope2d"}, {"prefix": 3}, {"prefix": 2, "position": "rope1d"},
+                                      {"hide_own_token": True}, {"prefix": 2, "hide_own_token": True}],
                          ids=["pre-LN", "deepnorm", "rope-geglu", "one-layer", "fp32-softmax", "rope2d", "prefix",
-                              "prefix-rope"])
+                              "prefix-rope", "hidden-slot", "prefix-hidden-slot"])
 def test_rows_give_the_full_logits_rows_and_the_same_loss_and_gradients(switches):
     switches = dict(switches)
     n_prefix = switches.pop("prefix", 0)

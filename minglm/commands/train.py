@@ -256,6 +256,15 @@ def _model_config(model: dict, train: TrainConfig, vocab_size: int, explicit_max
     return model_config_from(model, "model config")
 
 
+def _check_all_words(train: TrainConfig, model: GLMConfig) -> None:
+    """``all_words`` leaves every word in Part A: only a model whose Part-B tokens cannot see their own slot, and
+    whose Part-A tokens cannot pass a word on to a neighbour first (one layer), is not handed the answers."""
+    if train.all_words > 0 and not (model.hide_own_token and model.n_layer == 1):
+        raise ValueError(f"TrainConfig.all_words={train.all_words} needs a model with hide_own_token=true and "
+                         f"n_layer=1 (got hide_own_token={model.hide_own_token}, n_layer={model.n_layer}): otherwise "
+                         "the words it asks for are in plain view")
+
+
 def _eval_modes(objective) -> list[str | None]:
     """The GLM modes to validate separately (those with a non-zero probability); [None] for the baselines."""
     if not hasattr(objective, "bert_prob"):
@@ -424,6 +433,7 @@ def _train(args, t_main: float, held: contextlib.ExitStack) -> int:
               f"they become [UNK]", file=sys.stderr)
     if not args.resume:
         mcfg = _model_config(model_dict, cfg, tokenizer.vocab_size, _explicit_max_len(args))
+    _check_all_words(cfg, mcfg)
 
     # model, optimizer, loaders (the rng: model init, then data order, blanks and dropout)
     rng = np.random.default_rng(cfg.seed)

@@ -77,6 +77,11 @@ class GLMObjective:
     span_unit: str = "token"  # "word": token-level spans count whole words (WordSpanSampler), a named deviation
     word_edges: tuple | None = field(default=None, repr=False)  # from the tokenizer, for span_unit="word"
     sampler: TokenSpanSampler = field(default_factory=TokenSpanSampler, repr=False)
+    # A named deviation from GLM (README, "What was tried", round 11): the share of token-level batches in which every
+    # word of a window the vocabulary holds as one token is a blank at once and Part A keeps those words (its
+    # [MASK]s put back). Only a model that hides each Part-B token's own slot (GLMConfig.hide_own_token) and has one
+    # layer can train on it without reading the answers; the train command checks both. Needs span_unit="known_word"
+    all_words: float = 0.0
 
     def __post_init__(self):
         if self.span_unit not in ("token", "word", "known_word"):
@@ -95,6 +100,11 @@ class GLMObjective:
             raise ValueError(f"GLMObjective: need 0 <= bert_prob, sentence_prob and their sum <= 1, got "
                              f"{self.bert_prob}, {self.sentence_prob}")
         self.sampler.ratio = self.mask_ratio
+        if not 0.0 <= self.all_words <= 1.0:
+            raise ValueError(f"GLMObjective.all_words must be in [0, 1], got {self.all_words!r}")
+        if self.all_words > 0 and self.span_unit != "known_word":
+            raise ValueError(f"GLMObjective.all_words={self.all_words} blanks the words the vocabulary holds: it needs "
+                             f"span_unit='known_word', got {self.span_unit!r}")
 
     @property
     def stats(self) -> dict:
@@ -168,6 +178,8 @@ class GLMObjective:
             return collate(samples, objective=mode, pad_to=pad_to)
         if mode not in ("token", "sentence"):
             raise ValueError(f"GLMObjective.make_batch: unknown mode {mode!r} (token, sentence, document)")
+        if mode == "token" and self.all_words > 0 and rng.random() < self.all_words:
+            return self._every_word_batch(windows, rng, pad_to)
         if mode == "token":  # the spans and Part-B orders of every window drawn together, then the tensors in one
             # pass (blank.infill_rows); the same distribution as make_sample's, other numbers from the rng
             rows = [np.asarray(w, dtype=np.int64) for w in windows]
@@ -186,6 +198,23 @@ class GLMObjective:
             orders.append(part_b_order(len(s), self.shuffle, rng))
         out = infill_rows(rows, spans, orders, self._blank_id(mode), SOP_ID, EOP_ID, self.block_position, pad_to)
         return Batch(objective=mode, **out)
+
+
+    def _every_word_batch(self, windows: list[np.ndarray], rng: np.random.Generator, pad_to: int | None) -> Batch:
+        """A token-level batch with every word of each window that the vocabulary holds a one-token blank
+        (``WordSpanSampler.every_word``), Part B shuffled as GLM's, and Part A left whole: a blank of one token
+        keeps Part A as long as its window, so each [MASK] goes back to its word. What a Part-B token must not read,
+        its own word, is hidden from it by the model (``GLMConfig.hide_own_token``)."""
+        rows = [np.asarray(w, dtype=np.int64) for w in windows]
+        spans = self.sampler.every_word(rows)
+        orders = part_b_orders([len(s) for s in spans], self.shuffle, rng)
+        out = infill_rows(rows, spans, orders, self._blank_id("token"), SOP_ID, EOP_ID, self.block_position, pad_to)
+        sizes = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        if not np.array_equal(out["sep"], sizes):
+            raise RuntimeError("GLMObjective: a one-token blank changed the length of Part A")
+        part_a = np.arange(out["tokens"].shape[1]) < sizes[:, None]  # (B, T)
+        out["tokens"][part_a] = np.concatenate(rows)  # row by row, in order: each window's own tokens
+        return Batch(objective="token", **out)
 
 
 def _plain_sample(tokens, targets, loss_mask, sep, objective, position_ids=None, block_position_ids=None) -> Sample:

@@ -277,6 +277,29 @@ class WordSpanSampler(TokenSpanSampler):
         self.stats["samples"] += len(samples)
         return self._words(samples, lambda units: self._batch_spans(units, rng))
 
+    def every_word(self, samples: list) -> list[np.ndarray]:
+        """Each sample's words that the vocabulary holds as one token, each a one-token span, (n, 2) a sample in
+        text order; never a sample's first or last token (its [CLS], and where the window was cut). The blanks of
+        ``GLMObjective.all_words``: no draws, every such word at once."""
+        samples = [np.asarray(x) for x in samples]
+        B = len(samples)
+        if not B:
+            return []
+        size = np.fromiter(map(len, samples), dtype=np.int64, count=B)
+        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
+        begin = np.cumsum(size) - size
+        starts = np.ones(len(flat), dtype=bool)  # the units of _words
+        starts[1:] = ~(self.first_letter[flat[1:]] & self.joins_word[flat[:-1]])
+        starts[begin[size > 0]] = True
+        offsets = np.flatnonzero(starts)  # (U,)
+        length = np.diff(np.append(offsets, len(flat)))
+        owner = np.searchsorted(begin, offsets, side="right") - 1  # (U,) the sample of each unit
+        at = offsets - begin[owner]  # the unit's place in its sample
+        ok = self.has_letter[flat[offsets]] & (length == 1) & (at > 0) & (at < size[owner] - 1)
+        at, owner = at[ok], owner[ok]
+        spans = np.stack([at, at + 1], axis=1)
+        return np.split(spans, np.cumsum(np.bincount(owner, minlength=B))[:-1])
+
     def _words(self, samples: list[np.ndarray], draw) -> list[np.ndarray]:
         """Cut each sample into units, ``draw(list of each sample's unit tokens)`` -> each sample's unit spans, then
         trim every span to start and end with a word and return it in token positions, one (n, 2) array a sample.
