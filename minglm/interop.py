@@ -117,6 +117,9 @@ def config_from_state_dict(state: dict, n_head: int, **overrides):
 def sat_model(config) -> str:
     """The SAT class that holds a model of this config: "GLMModel" (GLM-1) or "GLM130B"; a ValueError naming the
     switches SAT has no model for otherwise."""
+    if getattr(config, "hide_own_token", False):
+        raise ValueError("interop: SAT's GLM lets a Part-B token see its own slot in Part A, so a model trained with "
+                         "hide_own_token=True would give other logits there; only GLM's own mask exports")
     glm1 = (config.position, config.norm, config.ffn) == ("learned2d", "pre", "gelu")
     if glm1:
         return "GLMModel"

@@ -201,3 +201,11 @@ def test_the_switch_is_left_out_of_a_default_config():
     assert "hide_own_token" not in GLMConfig().to_dict()
     assert GLMConfig.preset("course").to_dict()["hide_own_token"] is True
     assert GLMConfig.from_dict(GLMConfig.preset("course").to_dict()).hide_own_token
+
+
+def test_sat_export_refuses_the_hidden_slot():
+    from minglm import interop
+
+    assert interop.sat_model(GLMConfig()) == "GLMModel"
+    with pytest.raises(ValueError, match="hide_own_token"):
+        interop.sat_model(GLMConfig(hide_own_token=True))
