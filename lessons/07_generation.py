@@ -62,6 +62,11 @@ except ImportError:
 # `python -m minglm train` (in fast mode two layers for 300 steps, under a minute: enough to see the mechanics, not
 # to write good English) and kept in `runs/`. To read your own run instead, write
 # `model, tok = load_run("../runs/<name>")` (from `minglm.runs`).
+#
+# The course model has one layer and one switch that GLM does not: `hide_own_token=True`, so a Part-B token never
+# attends to the Part-A token in its own slot (here the `[MASK]` it fills). That let it train with every word of a
+# line a blank at once, Part A left whole (`docs/mask.md`, and the README's "What was tried", round 11). The
+# decoding below is GLM's either way.
 
 # %%
 model, tok, source = course_model()
