@@ -285,13 +285,7 @@ class WordSpanSampler(TokenSpanSampler):
         B = len(samples)
         if not B:
             return []
-        size = np.fromiter(map(len, samples), dtype=np.int64, count=B)
-        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
-        begin = np.cumsum(size) - size
-        starts = np.ones(len(flat), dtype=bool)  # the units of _words
-        starts[1:] = ~(self.first_letter[flat[1:]] & self.joins_word[flat[:-1]])
-        starts[begin[size > 0]] = True
-        offsets = np.flatnonzero(starts)  # (U,)
+        size, flat, begin, offsets = self._units(samples)
         length = np.diff(np.append(offsets, len(flat)))
         owner = np.searchsorted(begin, offsets, side="right") - 1  # (U,) the sample of each unit
         at = offsets - begin[owner]  # the unit's place in its sample
@@ -299,6 +293,18 @@ class WordSpanSampler(TokenSpanSampler):
         at, owner = at[ok], owner[ok]
         spans = np.stack([at, at + 1], axis=1)
         return np.split(spans, np.cumsum(np.bincount(owner, minlength=B))[:-1])
+
+    def _units(self, samples: list[np.ndarray]):
+        """The samples laid back to back as one token sequence ``flat`` and cut into word units: (size (B,), flat,
+        begin (B,) where each sample starts in it, offsets (U,) the first token of each unit in it). A unit is a word
+        with the spaces before it or one other token; a unit boundary is forced where each sample begins."""
+        size = np.fromiter(map(len, samples), dtype=np.int64, count=len(samples))
+        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
+        begin = np.cumsum(size) - size
+        starts = np.ones(len(flat), dtype=bool)
+        starts[1:] = ~(self.first_letter[flat[1:]] & self.joins_word[flat[:-1]])
+        starts[begin[size > 0]] = True  # no unit runs on from one sample into the next
+        return size, flat, begin, np.flatnonzero(starts)
 
     def _words(self, samples: list[np.ndarray], draw) -> list[np.ndarray]:
         """Cut each sample into units, ``draw(list of each sample's unit tokens)`` -> each sample's unit spans, then
@@ -310,13 +316,7 @@ class WordSpanSampler(TokenSpanSampler):
         B = len(samples)
         if not B:
             return []
-        size = np.fromiter(map(len, samples), dtype=np.int64, count=B)
-        flat = np.concatenate(samples) if size.sum() else np.zeros(0, dtype=np.int64)
-        begin = np.cumsum(size) - size
-        starts = np.ones(len(flat), dtype=bool)
-        starts[1:] = ~(self.first_letter[flat[1:]] & self.joins_word[flat[:-1]])
-        starts[begin[size > 0]] = True  # no unit runs on from one sample into the next
-        offsets = np.flatnonzero(starts)  # (U,) the first token of each unit, in `flat`
+        size, flat, begin, offsets = self._units(samples)
         n_units = np.bincount(np.searchsorted(begin, offsets, side="right") - 1, minlength=B)
         unit_begin = np.cumsum(n_units) - n_units  # (B,) each sample's first unit
         unit_spans = draw(np.split(flat[offsets], unit_begin[1:]))  # per sample, in its own units
