@@ -296,10 +296,13 @@ class SelfAttention(Module):
         s = (q * (scale / c)) @ k.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
         if c != 1:
             s *= c
-        if Tq > 1:  # one new token sees everything cached; several must not see the later ones among them
-            s = xp.where(glm_mask(xp, sep, Tq, Tk), s, -np.inf)
-        if own is not None:  # GLMConfig.hide_own_token
-            s = xp.where(own, s, -np.inf)
+        # one new token sees everything cached; several must not see the later ones among them. ``own``
+        # (GLMConfig.hide_own_token) joins GLM's mask, so the scores are masked once
+        allowed = glm_mask(xp, sep, Tq, Tk) if Tq > 1 else None
+        if own is not None:
+            allowed = own if allowed is None else allowed & own
+        if allowed is not None:
+            s = xp.where(allowed, s, -np.inf)
         return F.softmax_array(s, -1) @ v  # (B, nh, Tq, hs)
 
     def infer(self, h, B: int, T: int, sep, layer: int = 0, cache: KVCache | None = None, rotary=None, own=None):
