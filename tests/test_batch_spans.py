@@ -192,3 +192,15 @@ def test_part_b_orders_are_uniform_permutations():
     assert [o.tolist() for o in part_b_orders([2, 3], False, None)] == [[0, 1], [0, 1, 2]]
     with pytest.raises(ValueError, match="rng"):
         part_b_orders([2], True, None)
+
+
+def test_bench_data_times_each_kind_of_course_batch(capsys):
+    """`bench data` runs end to end, and times the course preset's two kinds of batch (all words, GLM's blanks) on
+    their own: which kind a short measurement happens to draw must not decide the figure."""
+    from minglm.bench import data as bench
+
+    assert bench.main(["--seconds", "0.02", "--bpe-bytes", "20000", "--bpe-vocab", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "`course` preset's batch all words" in out and "`course` preset's batch GLM's blanks" in out
+    assert "`course` preset's batch on average (0.9 of them all words)" in out
+    assert "`words` preset's batch (32 windows" in out
