@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         # their mean at the preset's share, so the figure does not depend on which kind a short run happened to draw
         kinds = [("", overrides)]
         if cfg.all_words:
-            kinds = [(" all words", {**overrides, "all_words": 1.0}), (" GLM's blanks", {**overrides, "all_words": 0.0})]
+            kinds = [(" all words", {**overrides, "all_words": 1.0}),
+                     (" GLM's blanks", {**overrides, "all_words": 0.0})]
         ms = []
         for kind, kw in kinds:
             loader = BlockLoader(word_ids, word_tok, cfg.seq_len, cfg.batch_size, objective=cfg.objective,
