@@ -163,11 +163,11 @@ TRAIN_PRESETS = {
     # and the fills stay the same while the 210 s hold more steps (README, "What was tried", round 10)
     "words": dict(_WORD_RECIPE, bpe_vocab=2048, batch_size=32, steps=5000, eval_every=500, ckpt_every=1000,
                   time_limit=210.0),
-    # the course model: the same recipe on ten times the windows (12,000 steps of 128), half of them cut to a
-    # line or a few (README, "What was tried", round 4: the one line fill is given stopped looking like nothing
-    # it had trained on; round 5: tokens, not layers; round 6: 12,000 steps rather than 8,000 or a second layer,
-    # and the default's short spans)
-    "course": dict(_WORD_RECIPE, line_windows=0.5, all_words=0.9, batch_size=128, steps=12000, eval_every=1000,
+    # the course model: the same recipe on 128 windows a step, half of them cut to a line or a few, nine batches
+    # in ten with every word a blank (README, "What was tried", round 4: the one line fill is given stopped looking
+    # like nothing it had trained on; round 6: the default's short spans; round 11: every word a blank; round 12:
+    # a second layer over a raw Part A learns more per step than its cost, so 6,000 steps of two layers)
+    "course": dict(_WORD_RECIPE, line_windows=0.5, all_words=0.9, batch_size=128, steps=6000, eval_every=1000,
                    ckpt_every=1000, time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=240.0),

@@ -120,6 +120,9 @@ def sat_model(config) -> str:
     if getattr(config, "hide_own_token", False):
         raise ValueError("interop: SAT's GLM lets a Part-B token see its own slot in Part A, so a model trained with "
                          "hide_own_token=True would give other logits there; only GLM's own mask exports")
+    if getattr(config, "raw_part_a", False):
+        raise ValueError("interop: SAT's GLM transforms Part A in every layer, so a model trained with "
+                         "raw_part_a=True would give other logits there; only GLM's own layers export")
     glm1 = (config.position, config.norm, config.ffn) == ("learned2d", "pre", "gelu")
     if glm1:
         return "GLMModel"

@@ -34,15 +34,27 @@ def glm_mask(xp, sep, Tq: int, Tk: int | None = None, lengths=None):
     return mask
 
 
-def own_token_mask(xp, pos_q, block_q, pos_k, block_k):
-    """(B, 1, Tq, Tk) bools, False where a Part-B query (block id > 0) meets the Part-A key (block id 0) at its own
-    position id, True everywhere else: ``GLMConfig.hide_own_token``, a deviation from GLM.
+def own_token_mask(xp, pos_q, block_q, pos_k, block_k, own_slot: bool = True, other_spans: bool = False):
+    """(B, 1, Tq, Tk) bools, False where a key is hidden from a query by a deviation from GLM, True elsewhere.
+    Combine it with ``glm_mask`` by ``&``.
 
-    A Part-B token sits at the position of the blank it fills, so the key it loses is that blank's slot in Part A.
+    - ``own_slot`` (``GLMConfig.hide_own_token``): a Part-B query (block id > 0) never meets the Part-A key (block id
+      0) at its own position id. A Part-B token sits at the position of the blank it fills, so the key it loses is
+      that blank's slot in Part A.
+    - ``other_spans`` (``GLMConfig.raw_part_a``): a Part-B query never meets the Part-B keys of another span (another
+      position id), which GLM's causal Part B shows it. With several layers those tokens have read the slot its own
+      word sits in, and would hand it on.
+
     ``pos_q``, ``block_q`` (B, Tq) are the queries' position and block ids; ``pos_k``, ``block_k`` (B, Tk) the keys'
-    (with a cache, everything cached so far). Combine it with ``glm_mask`` by ``&``.
+    (with a cache, everything cached so far).
     """
     pos_q, block_q = xp.asarray(pos_q), xp.asarray(block_q)
     pos_k, block_k = xp.asarray(pos_k), xp.asarray(block_k)
-    hidden = (block_q[:, :, None] > 0) & (block_k[:, None, :] == 0) & (pos_q[:, :, None] == pos_k[:, None, :])
+    part_b = block_q[:, :, None] > 0  # (B, Tq, 1)
+    same = pos_q[:, :, None] == pos_k[:, None, :]  # (B, Tq, Tk)
+    hidden = xp.zeros(same.shape, dtype=bool)
+    if own_slot:
+        hidden |= part_b & (block_k[:, None, :] == 0) & same
+    if other_spans:
+        hidden |= part_b & (block_k[:, None, :] > 0) & ~same
     return ~hidden[:, None]  # (B, 1, Tq, Tk)

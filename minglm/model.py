@@ -76,6 +76,13 @@ class GLMConfig:
     # to the Part-A token at its own position id, the slot of the blank it fills (masks.own_token_mask). Part A may
     # then keep the words it asks for, and every word of a window can be a blank at once (TrainConfig.all_words)
     hide_own_token: bool = False
+    # A second deviation, which lets such a model have several layers (README round 12): Part A is never itself
+    # transformed. Every layer computes Part A's keys and values from its embeddings (the word, and its position
+    # tables if any), as T-TA's layers do (Shin et al., ACL 2020), and a Part-B token attends to no other span's
+    # Part-B tokens (masks.own_token_mask). Then no Part-A token carries a neighbour's word to a later layer, and with
+    # hide_own_token no Part-B token ever reads the word it is asked for, at any depth. Only the Part-B tokens are
+    # transformed layer after layer
+    raw_part_a: bool = False
 
     SWITCHES = {"position": ("learned2d", "rope1d", "rope2d"), "norm": ("pre", "deepnorm"), "ffn": ("gelu", "geglu"),
                 "gmask_positions": ("blank", "continue"), "attention": F.ATTENTION_IMPLS}
@@ -116,9 +123,12 @@ class GLMConfig:
         if not 0.0 <= self.embedding_grad_scale <= 1.0:
             raise ValueError(f"GLMConfig.embedding_grad_scale must be in [0, 1] (1 = off), got "
                              f"{self.embedding_grad_scale!r}")
-        for name in ("softmax_scaling", "hide_own_token"):
+        for name in ("softmax_scaling", "hide_own_token", "raw_part_a"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise ValueError(f"GLMConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.raw_part_a and self.position == "rope1d" and self.gmask_positions == "continue":
+            raise ValueError("GLMConfig.raw_part_a tells a span's Part-B tokens by their shared position id, which "
+                             "gmask_positions='continue' does not give them; use gmask_positions='blank'")
 
     @property
     def head_size(self) -> int:
@@ -149,8 +159,10 @@ class GLMConfig:
         # heads in ONE layer, with 1-D RoPE, on whole-word tokens (0.72 M parameters, 2.9 MB). In these CPU budgets
         # a step of fewer layers buys more tokens than depth buys per token (README, "What was tried", round 5)
         "words": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d"),
-        "course": dict(n_layer=1, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d",
-                       hide_own_token=True),
+        # the course model: two such layers whose Part A stays its embeddings (raw_part_a), so that every word of a
+        # window can be a blank at once and none is in view (README, "What was tried", rounds 11 and 12)
+        "course": dict(n_layer=2, n_head=4, d_model=128, max_len=128, seq_len=32, position="rope1d",
+                       hide_own_token=True, raw_part_a=True),
         # tiny's size with GLM-130B's recipe (its data mixture is the glm-130b training preset, minglm/config.py)
         "glm-130b": dict(n_layer=4, n_head=4, d_model=128, max_len=128, seq_len=128, position="rope1d",
                          gmask_positions="continue", norm="deepnorm", ffn="geglu", embedding_grad_scale=0.1,
@@ -194,7 +206,7 @@ class GLMConfig:
 
 
 _SWITCH_FIELDS = ("position", "norm", "ffn", "embedding_grad_scale", "softmax_scaling", "gmask_positions", "attention",
-                  "hide_own_token")
+                  "hide_own_token", "raw_part_a")
 GMASK_ID = 4  # the id of [gMASK] in minglm's tokenizers (tokenizer.GMASK_ID, one layer up; a test keeps them equal)
 
 
@@ -479,16 +491,36 @@ class GLM(Module):
         cos, sin = F.rotary_tables(ids, self.config.head_size, self.word_embeddings.weight.dtype)
         return cos, sin, len(ids)
 
+    def _raw_part_a(self, block_position_ids, every_row: bool):
+        """What ``GLMConfig.raw_part_a`` needs to give every layer after the first Part A's embeddings back: None when
+        it is off (or there is one layer); the (N, 1) bools of the Part-A rows when every row goes through the layers;
+        else the flat Part-B rows (R,) and, for ``concat([x0, out])``, the index (N,) that takes each Part-A row from
+        the embeddings x0 and each Part-B row from the layer's output."""
+        if not self.config.raw_part_a or len(self.layers) == 1:
+            return None
+        xp = get_xp(block_position_ids)
+        flat_b = xp.asarray(block_position_ids).reshape(-1) > 0  # (N,)
+        if every_row:
+            return ~flat_b[:, None]
+        part_b = xp.flatnonzero(flat_b)
+        back = xp.arange(flat_b.size)
+        back[part_b] = flat_b.size + xp.arange(part_b.size)
+        return part_b, back
+
     def own_mask(self, position_ids, block_position_ids, cache: KVCache | None = None):
         """``masks.own_token_mask`` (B, 1, T, Tk) of the queries against every key (those in the ``cache`` too,
-        whose ids are written before this is called) when ``config.hide_own_token``; else None."""
-        if not self.config.hide_own_token:
+        whose ids are written before this is called) when ``config.hide_own_token`` or ``config.raw_part_a``; else
+        None."""
+        cfg = self.config
+        if not (cfg.hide_own_token or cfg.raw_part_a):
             return None
         xp = get_xp(position_ids)
-        if cache is None:
-            return own_token_mask(xp, position_ids, block_position_ids, position_ids, block_position_ids)
-        end = cache.length + position_ids.shape[1]
-        return own_token_mask(xp, position_ids, block_position_ids, cache.positions[:, :end], cache.blocks[:, :end])
+        keys = (position_ids, block_position_ids)
+        if cache is not None:
+            end = cache.length + position_ids.shape[1]
+            keys = (cache.positions[:, :end], cache.blocks[:, :end])
+        return own_token_mask(xp, position_ids, block_position_ids, *keys, own_slot=cfg.hide_own_token,
+                              other_spans=cfg.raw_part_a)
 
     def forward(self, tokens, position_ids, block_position_ids, sep, cache: KVCache | None = None,
                 rng: np.random.Generator | None = None, rows=None) -> Tensor:
@@ -513,9 +545,17 @@ class GLM(Module):
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)  # None, or (B, 1, T, hs) tables
         own = self.own_mask(position_ids, block_position_ids, cache)  # None, or (B, 1, T, Tk)
         last = len(self.layers) - 1
+        raw = self._raw_part_a(block_position_ids, cache is not None or rows is None)
+        x0 = x
         for i, block in enumerate(self.layers):
             # the last layer computes only the rows asked for (R, C): past its attention, every op is row by row
-            x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None, own)  # (N, C); last: (R, C)
+            if raw is None or i == last:
+                x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None, own)  # (N, C); last: (R, C)
+            elif isinstance(raw, tuple):  # GLMConfig.raw_part_a, training: only the Part-B rows go through the layer
+                part_b, back = raw
+                x = F.concat([x0, block(x, B, T, sep, i, cache, rng, rotary, part_b, own)])[back]  # (N, C)
+            else:  # raw_part_a with every row computed (a cache, or all logits asked for): Part A's rows put back
+                x = F.where(raw, x0, block(x, B, T, sep, i, cache, rng, rotary, None, own))
         if cache is not None:
             cache.length += T
         if rows is not None:
@@ -547,7 +587,11 @@ class GLM(Module):
             cache.write_ids(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)
         own = self.own_mask(position_ids, block_position_ids, cache)
+        raw = self._raw_part_a(block_position_ids, True)  # None, or the (N, 1) Part-A rows
+        x0 = x.copy() if raw is not None else None
         for i, block in enumerate(self.layers):
+            if raw is not None and i > 0:
+                x = get_xp(x).where(raw, x0, x)  # GLMConfig.raw_part_a: Part A enters every layer as its embeddings
             x = block.infer(x, B, T, sep, i, cache, rotary, own)  # (N, C)
         if cache is not None:
             cache.length += T
@@ -566,8 +610,12 @@ class GLM(Module):
         x = self.embed(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens)
         own = self.own_mask(position_ids, block_position_ids)
+        raw = self._raw_part_a(block_position_ids, True)
+        x0 = x
         for i in range(layer):
             x = self.layers[i](x, B, T, sep, i, rotary=rotary, own=own)  # (N, C)
+            if raw is not None:
+                x = F.where(raw, x0, x)  # GLMConfig.raw_part_a
         attn = self.layers[layer].attention
         q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T, rotary)
         xp = get_xp(q.data)

@@ -17,9 +17,11 @@ TEXT = "the quality of mercy is not strained it droppeth as the gentle rain from
 @pytest.mark.parametrize("switches", [{}, {"norm": "deepnorm"}, {"position": "rope1d", "ffn": "geglu"},
                                       {"n_layer": 1, "position": "rope1d"}, {"softmax_scaling": True},
                                       {"position": "rope2d"}, {"prefix": 3}, {"prefix": 2, "position": "rope1d"},
-                                      {"hide_own_token": True}, {"prefix": 2, "hide_own_token": True}],
+                                      {"hide_own_token": True}, {"prefix": 2, "hide_own_token": True},
+                                      {"position": "rope1d", "hide_own_token": True, "raw_part_a": True},
+                                      {"prefix": 2, "n_layer": 3, "raw_part_a": True}],
                          ids=["pre-LN", "deepnorm", "rope-geglu", "one-layer", "fp32-softmax", "rope2d", "prefix",
-                              "prefix-rope", "hidden-slot", "prefix-hidden-slot"])
+                              "prefix-rope", "hidden-slot", "prefix-hidden-slot", "raw-part-a", "prefix-raw-part-a"])
 def test_rows_give_the_full_logits_rows_and_the_same_loss_and_gradients(switches):
     switches = dict(switches)
     n_prefix = switches.pop("prefix", 0)

@@ -258,11 +258,13 @@ def _model_config(model: dict, train: TrainConfig, vocab_size: int, explicit_max
 
 def _check_all_words(train: TrainConfig, model: GLMConfig) -> None:
     """``all_words`` leaves every word in Part A: only a model whose Part-B tokens cannot see their own slot, and
-    whose Part-A tokens cannot pass a word on to a neighbour first (one layer), is not handed the answers."""
-    if train.all_words > 0 and not (model.hide_own_token and model.n_layer == 1):
-        raise ValueError(f"TrainConfig.all_words={train.all_words} needs a model with hide_own_token=true and "
-                         f"n_layer=1 (got hide_own_token={model.hide_own_token}, n_layer={model.n_layer}): otherwise "
-                         "the words it asks for are in plain view")
+    whose Part-A tokens cannot pass a word on to a neighbour first (one layer, or Part A never transformed:
+    ``raw_part_a``), is not handed the answers."""
+    if train.all_words > 0 and not (model.hide_own_token and (model.n_layer == 1 or model.raw_part_a)):
+        raise ValueError(f"TrainConfig.all_words={train.all_words} needs a model with hide_own_token=true and either "
+                         f"n_layer=1 or raw_part_a=true (got hide_own_token={model.hide_own_token}, "
+                         f"n_layer={model.n_layer}, raw_part_a={model.raw_part_a}): otherwise the words it asks for "
+                         "are in plain view")
 
 
 def _eval_modes(objective) -> list[str | None]:
