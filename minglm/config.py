@@ -50,7 +50,8 @@ class TrainConfig:
     line_windows: float = 0.0  # share of the training windows cut to their first line or lines and closed with
     # <eos> (minglm.data.loader.cut_to_lines), so the model also sees the short [CLS] text <eos> that fill is given
     all_words: float = 0.0  # share of token-level batches with every word a blank and Part A whole (a deviation
-    # from GLM: GLMObjective.all_words; it needs a one-layer model with hide_own_token, README round 11)
+    # from GLM: GLMObjective.all_words; it needs a model with hide_own_token and either one layer or raw_part_a,
+    # README rounds 11 and 12)
     tokenizer: str = "char"  # char | bpe | word, learned from the train documents at the start of the run:
     # byte-level BPE, or whole words with a byte fallback (minglm/tokenizer.py)
     bpe_vocab: int = 4096  # ids of the bpe or word tokenizer, specials and the 256 bytes included
@@ -163,11 +164,11 @@ TRAIN_PRESETS = {
     # and the fills stay the same while the 210 s hold more steps (README, "What was tried", round 10)
     "words": dict(_WORD_RECIPE, bpe_vocab=2048, batch_size=32, steps=5000, eval_every=500, ckpt_every=1000,
                   time_limit=210.0),
-    # the course model: the same recipe on 128 windows a step, half of them cut to a line or a few, nine batches
-    # in ten with every word a blank (README, "What was tried", round 4: the one line fill is given stopped looking
-    # like nothing it had trained on; round 6: the default's short spans; round 11: every word a blank; round 12:
-    # a second layer over a raw Part A learns more per step than its cost, so 6,000 steps of two layers)
-    "course": dict(_WORD_RECIPE, line_windows=0.5, all_words=0.9, batch_size=128, steps=6000, eval_every=1000,
+    # the course model: the same recipe on ten times the windows (12,000 steps of 128), half of them cut to a
+    # line or a few, nine batches in ten with every word a blank (README, "What was tried", round 4: the one line
+    # fill is given stopped looking like nothing it had trained on; round 5: tokens, not layers; round 6: 12,000
+    # steps rather than 8,000 or a second layer, and the default's short spans; round 11: every word a blank)
+    "course": dict(_WORD_RECIPE, line_windows=0.5, all_words=0.9, batch_size=128, steps=12000, eval_every=1000,
                    ckpt_every=1000, time_limit=3300.0),
     # tiny's run with GLM-130B's data mixture; the model preset of the same name turns on its switches
     "glm-130b": dict(objective="glm-130b", time_limit=240.0),
