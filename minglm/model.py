@@ -491,17 +491,15 @@ class GLM(Module):
         cos, sin = F.rotary_tables(ids, self.config.head_size, self.word_embeddings.weight.dtype)
         return cos, sin, len(ids)
 
-    def _raw_part_a(self, block_position_ids, every_row: bool):
+    def _raw_part_a(self, block_position_ids):
         """What ``GLMConfig.raw_part_a`` needs to give every layer after the first Part A's embeddings back: None when
-        it is off (or there is one layer); the (N, 1) bools of the Part-A rows when every row goes through the layers;
-        else the flat Part-B rows (R,) and, for ``concat([x0, out])``, the index (N,) that takes each Part-A row from
-        the embeddings x0 and each Part-B row from the layer's output."""
+        it is off (or there is one layer); else the flat Part-B rows (R,), the only rows a layer before the last
+        computes past its attention, and the index (N,) into ``concat([x0, out])`` that takes each Part-A row from the
+        embeddings x0 and each Part-B row from the layer's output (R, C)."""
         if not self.config.raw_part_a or len(self.layers) == 1:
             return None
         xp = get_xp(block_position_ids)
         flat_b = xp.asarray(block_position_ids).reshape(-1) > 0  # (N,)
-        if every_row:
-            return ~flat_b[:, None]
         part_b = xp.flatnonzero(flat_b)
         back = xp.arange(flat_b.size)
         back[part_b] = flat_b.size + xp.arange(part_b.size)
@@ -545,17 +543,14 @@ class GLM(Module):
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)  # None, or (B, 1, T, hs) tables
         own = self.own_mask(position_ids, block_position_ids, cache)  # None, or (B, 1, T, Tk)
         last = len(self.layers) - 1
-        raw = self._raw_part_a(block_position_ids, cache is not None or rows is None)
+        raw = self._raw_part_a(block_position_ids)  # None, or (Part-B rows, the index that puts Part A back)
         x0 = x
         for i, block in enumerate(self.layers):
             # the last layer computes only the rows asked for (R, C): past its attention, every op is row by row
             if raw is None or i == last:
                 x = block(x, B, T, sep, i, cache, rng, rotary, rows if i == last else None, own)  # (N, C); last: (R, C)
-            elif isinstance(raw, tuple):  # GLMConfig.raw_part_a, training: only the Part-B rows go through the layer
-                part_b, back = raw
-                x = F.concat([x0, block(x, B, T, sep, i, cache, rng, rotary, part_b, own)])[back]  # (N, C)
-            else:  # raw_part_a with every row computed (a cache, or all logits asked for): Part A's rows put back
-                x = F.where(raw, x0, block(x, B, T, sep, i, cache, rng, rotary, None, own))
+            else:  # GLMConfig.raw_part_a: only the Part-B rows go on; Part A enters the next layer as its embeddings
+                x = F.concat([x0, block(x, B, T, sep, i, cache, rng, rotary, raw[0], own)])[raw[1]]  # (N, C)
         if cache is not None:
             cache.length += T
         if rows is not None:
@@ -587,12 +582,12 @@ class GLM(Module):
             cache.write_ids(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens, cache)
         own = self.own_mask(position_ids, block_position_ids, cache)
-        raw = self._raw_part_a(block_position_ids, True)  # None, or the (N, 1) Part-A rows
-        x0 = x.copy() if raw is not None else None
+        raw = self._raw_part_a(block_position_ids)
+        x0 = x.copy() if raw is not None else None  # block.infer may overwrite x
         for i, block in enumerate(self.layers):
-            if raw is not None and i > 0:
-                x = get_xp(x).where(raw, x0, x)  # GLMConfig.raw_part_a: Part A enters every layer as its embeddings
             x = block.infer(x, B, T, sep, i, cache, rotary, own)  # (N, C)
+            if raw is not None and i < len(self.layers) - 1:  # GLMConfig.raw_part_a: Part A back to its embeddings
+                x = get_xp(x).concatenate([x0, x[raw[0]]])[raw[1]]
         if cache is not None:
             cache.length += T
         x = self.final_layernorm.infer(x)  # (N, C)
@@ -610,12 +605,13 @@ class GLM(Module):
         x = self.embed(tokens, position_ids, block_position_ids)
         rotary = self.rotary(position_ids, block_position_ids, tokens)
         own = self.own_mask(position_ids, block_position_ids)
-        raw = self._raw_part_a(block_position_ids, True)
+        raw = self._raw_part_a(block_position_ids)
         x0 = x
         for i in range(layer):
-            x = self.layers[i](x, B, T, sep, i, rotary=rotary, own=own)  # (N, C)
-            if raw is not None:
-                x = F.where(raw, x0, x)  # GLMConfig.raw_part_a
+            if raw is None:
+                x = self.layers[i](x, B, T, sep, i, rotary=rotary, own=own)  # (N, C)
+            else:  # GLMConfig.raw_part_a, as in forward
+                x = F.concat([x0, self.layers[i](x, B, T, sep, i, rotary=rotary, rows=raw[0], own=own)])[raw[1]]
         attn = self.layers[layer].attention
         q, k, _ = attn.qkv(self.layers[layer].input_layernorm(x), B, T, rotary)
         xp = get_xp(q.data)

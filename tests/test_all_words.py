@@ -172,6 +172,7 @@ def test_one_layer_reads_no_answer_and_two_layers_would(tok, n_layer, raw):
     rows = np.flatnonzero(batch.block_position_ids.reshape(-1) > 0)
     np.testing.assert_array_equal(model(batch.tokens, *args, rows=rows).data, base.reshape(-1, base.shape[-1])[rows])
     np.testing.assert_allclose(model.infer(batch.tokens, *args), base, rtol=0, atol=1e-12)
+    probs = model.attention_probs(batch.tokens, *args, layer=n_layer - 1)  # the plots' path through the layers
     moved = 0.0
     for b in range(batch.tokens.shape[0]):
         for slot in range(1, int(batch.sep[b]) - 1):
@@ -181,6 +182,8 @@ def test_one_layer_reads_no_answer_and_two_layers_would(tok, n_layer, raw):
             asks = np.flatnonzero((batch.position_ids[b] == slot) & (batch.block_position_ids[b] > 0))  # <sop>, word
             if len(asks):
                 moved = max(moved, np.abs(changed[b, asks] - base[b, asks]).max())
+                seen = model.attention_probs(tokens, *args, layer=n_layer - 1)[b, :, asks]
+                moved = max(moved, np.abs(seen - probs[b, :, asks]).max())
     assert (moved == 0.0) == (n_layer == 1 or raw), moved
 
 

@@ -80,7 +80,8 @@ class GLMObjective:
     # A named deviation from GLM (README, "What was tried", round 11): the share of token-level batches in which every
     # word of a window the vocabulary holds as one token is a blank at once and Part A keeps those words (its
     # [MASK]s put back). Only a model that hides each Part-B token's own slot (GLMConfig.hide_own_token) and has one
-    # layer can train on it without reading the answers; the train command checks both. Needs span_unit="known_word"
+    # layer, or keeps Part A raw (GLMConfig.raw_part_a), can train on it without reading the answers; the train
+    # command checks. Needs span_unit="known_word"
     all_words: float = 0.0
 
     def __post_init__(self):
